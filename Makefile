@@ -1,0 +1,35 @@
+# Set-up and the two README commands. `make demo` and `make test` build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# Test-only references, installed without their dependencies (they would pull torchvision):
+	# OpenAI's `clip` package (reference model + tokenizer + vocabulary) and open_clip_torch (its vocabulary).
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt openai-clip==1.0.1 open_clip_torch==3.3.0
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/clipforge demo
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,102 @@
+"""The two-tower CLIP model: image tower, text tower, linear projections, learned temperature."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CLIPConfig, get_config
+from .text import TextTransformer
+from .vision import ModifiedResNet, VisionTransformer
+
+
+@dataclass
+class CLIPOutput:
+    """What `CLIP.forward` returns: L2-normalised features and the (clamped) logit scale."""
+
+    image_features: torch.Tensor  # (N, D), unit norm
+    text_features: torch.Tensor  # (M, D), unit norm
+    logit_scale: torch.Tensor  # () = exp(learned log-scale), clamped to max_logit_scale
+    logit_bias: torch.Tensor | None = None  # () for sigmoid-loss models
+
+    def logits_per_image(self) -> torch.Tensor:
+        """(N, M) scaled cosine similarities (+ bias)."""
+        logits = self.logit_scale * self.image_features @ self.text_features.T
+        return logits if self.logit_bias is None else logits + self.logit_bias
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        tower = VisionTransformer if cfg.vision.kind == "vit" else ModifiedResNet
+        self.visual = tower(cfg.vision, cfg.embed_dim)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """OpenAI's initialisation."""
+        self.visual.init_weights()
+        self.text.init_weights()
+        with torch.no_grad():
+            self.logit_scale.fill_(self.config.init_logit_scale)
+            if self.logit_bias is not None:
+                self.logit_bias.fill_(self.config.init_logit_bias)
+
+    def encode_image(self, pixels: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
+        """(N, 3, H, W) normalised pixels -> (N, D) unnormalised features, as OpenAI CLIP."""
+        return self.visual(pixels, mask_ratio=mask_ratio)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, T) token ids -> (N, D) unnormalised features, as OpenAI CLIP."""
+        return self.text(tokens)
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
+        return CLIPOutput(
+            image_features=F.normalize(self.encode_image(pixels), dim=-1),
+            text_features=F.normalize(self.encode_text(tokens), dim=-1),
+            logit_scale=self.logit_scale.exp().clamp(max=self.config.max_logit_scale),
+            logit_bias=self.logit_bias,
+        )
+
+    def clamp_logit_scale(self) -> None:
+        """Keep the temperature within (0, max_logit_scale]; call after each optimizer step."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, torch.log(torch.tensor(self.config.max_logit_scale)).item())
+
+    def set_grad_checkpointing(self, enable: bool = True, vision: bool = True, text: bool = True) -> None:
+        if vision:
+            tower = self.visual.transformer if isinstance(self.visual, VisionTransformer) else self.visual
+            tower.grad_checkpointing = enable
+        if text:
+            self.text.transformer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters excluded from weight decay: gains, biases, embeddings and the temperature."""
+        names = set()
+        for name, p in self.named_parameters():
+            if p.ndim < 2 or "embed" in name or name in ("logit_scale", "logit_bias"):
+                names.add(name)
+        return names
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logit_scale.dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.text.context_length
+
+
+def create_model(name_or_config: str | CLIPConfig) -> CLIP:
+    """A randomly initialised CLIP (OpenAI's init) from a preset name or a `CLIPConfig`."""
+    return CLIP(get_config(name_or_config))
