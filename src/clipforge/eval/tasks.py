@@ -1,0 +1,139 @@
+"""One evaluation task from a plain dict spec -> a CLIP_benchmark-shaped record (used by `clipforge eval`).
+
+Spec keys: task (zeroshot | linear-probe | few-shot | retrieval | robustness), dataset (a folder, a
+manifest, or tar shards for retrieval), train (probes), classnames, templates, shifted {name: path}
+(robustness), output_dir (plots), cache_dir, batch_size, ks / seeds (few-shot), name (dataset label).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .datasets import ImageFolderDataset, ManifestClassificationDataset, RetrievalSet
+from .features import cached_image_features, encode_texts, model_fingerprint
+from .fewshot import DEFAULT_KS, few_shot_curve, plot_few_shot
+from .linear_probe import linear_probe
+from .report import per_class_table, plot_confusion, result_record
+from .retrieval import retrieval_metrics
+from .robustness import evaluate_shifts, plot_robustness, robustness_summary
+from .templates import load_templates
+from .zeroshot import (
+    classification_metrics,
+    confusion_matrix,
+    per_class_recall,
+    zero_shot_classifier,
+    zero_shot_logits,
+)
+
+TASK_NAMES = {
+    "zeroshot": "zeroshot_classification",
+    "linear-probe": "linear_probe",
+    "few-shot": "few_shot",
+    "retrieval": "zeroshot_retrieval",
+    "robustness": "robustness",
+}
+
+
+def classification_set(path, transform, classnames=None):
+    p = Path(path)
+    return (
+        ImageFolderDataset(p, transform, classnames)
+        if p.is_dir()
+        else ManifestClassificationDataset(p, transform, classnames)
+    )
+
+
+def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pretrained: str = "") -> dict:
+    task = spec["task"]
+    if task not in TASK_NAMES:
+        raise ValueError(f"unknown task {task!r}; one of {', '.join(TASK_NAMES)}")
+    bs = int(spec.get("batch_size", 64))
+    out_dir = Path(spec.get("output_dir", "eval_out"))
+    cache = spec.get("cache_dir")
+    fp = model_fingerprint(model) if cache else None
+    name = spec.get("name") or Path(str(spec["dataset"])).stem
+    tr_spec = repr(getattr(preprocess, "to_dict", lambda: preprocess)())
+
+    def feats(path, ds):
+        return cached_image_features(model, ds, cache, (str(path), tr_spec), fp, batch_size=bs, progress=True)
+
+    metrics: dict = {}
+    if task == "retrieval":
+        src = spec["dataset"]
+        shards = [str(s) for s in (src if isinstance(src, list) else [src])]
+        rs = (
+            RetrievalSet.from_tars(shards, preprocess)
+            if shards[0].endswith(".tar")
+            else RetrievalSet.from_manifest(shards[0], preprocess)
+        )
+        img, _ = feats(src, rs.images)
+        txt = encode_texts(model, tokenizer, rs.captions, bs, progress=True)
+        metrics = retrieval_metrics(img, txt, rs.text_to_image, chunk_size=int(spec.get("chunk_size", 4096)))
+    else:
+        test = classification_set(spec["dataset"], preprocess, spec.get("classnames"))
+        classnames = test.classnames
+        needs_zs = task in ("zeroshot", "robustness") or (task == "few-shot" and spec.get("zero_shot", True))
+        clf = None
+        if needs_zs:
+            templates = load_templates(spec.get("templates", "default"), spec.get("template_dataset"))
+            clf = zero_shot_classifier(model, tokenizer, classnames, templates, bs).cpu()
+        if task == "zeroshot":
+            x, y = feats(spec["dataset"], test)
+            logits = zero_shot_logits(x, clf)
+            metrics = classification_metrics(logits, y)
+            if spec.get("per_class"):
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / f"{name}_per_class.md").write_text(
+                    per_class_table(classnames, per_class_recall(logits, y))
+                )
+                cm = confusion_matrix(logits.argmax(1), y, len(classnames))
+                plot_confusion(cm, classnames, out_dir / f"{name}_confusion.png")
+        elif task in ("linear-probe", "few-shot"):
+            train = classification_set(spec["train"], preprocess, spec.get("classnames"))
+            xtr, ytr = feats(spec["train"], train)
+            x, y = feats(spec["dataset"], test)
+            if task == "linear-probe":
+                res = linear_probe(xtr, ytr, x, y, num_classes=len(classnames))
+                metrics = {**res.metrics, "lambda": res.lam}
+            else:
+                xs = [xtr.double(), x.double()]
+                curve = few_shot_curve(
+                    xs[0],
+                    ytr,
+                    xs[1],
+                    y,
+                    len(classnames),
+                    None if clf is None else clf.double(),
+                    ks=spec.get("ks", DEFAULT_KS),
+                    seeds=spec.get("seeds", (0, 1, 2)),
+                    progress=True,
+                )
+                plot_few_shot(curve, out_dir / f"{name}_fewshot.png", title=f"{model_name} on {name}")
+                metrics = {f"acc1_k{k}": m for k, m in zip(curve["k"], curve["linear_probe"]["mean"])}
+                if "zero_shot_prior" in curve:
+                    metrics.update(
+                        {f"acc1_prior_k{k}": m for k, m in zip(curve["k"], curve["zero_shot_prior"]["mean"])}
+                    )
+                    metrics["acc1_zeroshot"] = curve["zero_shot"]
+                metrics["curve"] = curve
+        else:  # robustness
+            sets = {name: test} | {
+                k: classification_set(v, preprocess, spec.get("classnames"))
+                for k, v in spec["shifted"].items()
+            }
+            results = evaluate_shifts(
+                model,
+                tokenizer,
+                classnames,
+                load_templates(spec.get("templates", "default")),
+                sets,
+                batch_size=bs,
+            )
+            line = tuple(spec["baseline_fit"]) if "baseline_fit" in spec else None
+            summary = robustness_summary(results, name, line)
+            pts = {k: (results[name]["acc1"], v["acc1"]) for k, v in summary.items()}
+            plot_robustness(pts, out_dir / f"{name}_robustness.png", line)
+            metrics = {"acc1": results[name]["acc1"]}
+            metrics.update({f"{k}/acc1": v["acc1"] for k, v in summary.items()})
+            metrics["shifts"] = summary
+    return result_record(name, model_name, TASK_NAMES[task], metrics, pretrained, spec.get("language", "en"))
