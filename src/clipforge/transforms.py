@@ -1,0 +1,326 @@
+"""Image loading and preprocessing (PIL + torch, no torchvision).
+
+Eval is OpenAI's `_transform(n)`: Resize(n, bicubic) on the short side, CenterCrop(n), RGB, ToTensor,
+Normalize(OPENAI_MEAN, OPENAI_STD), reproduced with torchvision's rounding rules so the pixels are the
+same as OpenAI's. Train is either the paper's only augmentation (resize the short side, random square
+crop) or OpenCLIP's default RandomResizedCrop(n, scale=(0.9, 1.0)) with torchvision's algorithm.
+
+Randomness: train transforms draw from torch's global RNG by default, with the same calls as
+torchvision (so `torch.manual_seed` reproduces torchvision's crops). DataLoader seeds torch's RNG
+differently in every worker (base_seed + worker_id), so workers differ and a seeded run repeats.
+A `torch.Generator` may be passed instead; note that it is copied into every worker with the same
+state, so reseed it per worker (worker_init_fn) if workers must differ.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# PIL warns above Image.MAX_IMAGE_PIXELS (89.5M) and refuses above twice that; we refuse with our own
+# error at PIL's hard limit by default (a 13k x 13k photo still loads).
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+TRAIN_MODES = ("square_crop", "random_resized_crop")
+
+# Modes converted to RGB *before* resizing: PIL silently resizes "1" and "P" with nearest neighbour,
+# and converting 16/32-bit or float modes to RGB after resizing would clip them (OpenAI does both).
+_CONVERT_FIRST = ("1", "P", "I", "F")
+
+
+class ImageLoadError(ValueError):
+    """An image file that cannot be read, decoded or converted (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What a model expects: square input size, normalisation, resize filter."""
+
+    image_size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean} std={self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"unknown interpolation {self.interpolation!r}; choose from {sorted(INTERPOLATIONS)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        unknown = set(d) - {"image_size", "mean", "std", "interpolation"}
+        if unknown:
+            raise ValueError(f"unknown PreprocessConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def _as_config(cfg_or_size: PreprocessConfig | int) -> PreprocessConfig:
+    if isinstance(cfg_or_size, PreprocessConfig):
+        return cfg_or_size
+    if isinstance(cfg_or_size, int):
+        return PreprocessConfig(cfg_or_size)
+    raise TypeError(f"expected PreprocessConfig or int image size, got {type(cfg_or_size).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading and mode conversion
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return str(getattr(source, "name", None) or f"<{type(source).__name__} object>")
+
+
+def _sixteen_bit_to_rgb(values: np.ndarray) -> Image.Image:
+    """(H, W) integers in [0, 65535] -> RGB, scaled (not clipped) so 65535 -> 255, rounded."""
+    v = np.clip(values.astype(np.int64), 0, 65535)
+    gray = ((v * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(gray), mode="L").convert("RGB")
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Convert any PIL mode to RGB.
+
+    Alpha (RGBA, LA, PA, palette transparency): with `background=None` it is dropped, as OpenAI's
+    `.convert("RGB")` does (eval parity); with an RGB colour the image is composited onto it.
+    16-bit ("I;16*") and 32-bit ("I", assumed to hold 16-bit data as PIL gives for 16-bit PNG/TIFF)
+    are scaled by 255/65535; float ("F") is taken as [0, 1]. Other modes use PIL's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        return _sixteen_bit_to_rgb(np.asarray(img))
+    if mode == "F":
+        v = np.clip(np.asarray(img, dtype=np.float64), 0.0, 1.0)
+        return Image.fromarray(np.rint(v * 255).astype(np.uint8), mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        if background is None:
+            return rgba.convert("RGB")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    source: str | os.PathLike | IO[bytes],
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] | None = None,
+) -> Image.Image:
+    """Open, fully decode, EXIF-rotate and convert an image file to RGB.
+
+    Raises FileNotFoundError for a missing path and ImageLoadError (naming the file) for anything that
+    is not a decodable image: unknown format, truncated data, or more than `max_pixels` pixels
+    (decompression-bomb guard; None disables ours, PIL's own hard limit still applies).
+    """
+    name = _name(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"image file not found: {name}")
+        if path.is_dir():
+            raise ImageLoadError(f"expected an image file, got a directory: {name}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(source)
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{name}: {e} (PIL's Image.MAX_IMAGE_PIXELS limit)") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"cannot identify image file {name}: not an image or unsupported format") from e
+    except Exception as e:
+        raise ImageLoadError(f"cannot open image file {name}: {type(e).__name__}: {e}") from e
+    with img:
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageLoadError(
+                f"image {name} is {w}x{h} = {w * h} pixels, above max_pixels={max_pixels} "
+                "(possible decompression bomb); pass a larger max_pixels to load it"
+            )
+        try:
+            img.load()  # decode now: truncated or corrupt data fails here, not in a worker later
+            upright = ImageOps.exif_transpose(img)
+            return to_rgb(upright, background)
+        except Exception as e:
+            raise ImageLoadError(f"cannot decode image file {name}: {type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# geometry (torchvision's rules, which OpenAI's and OpenCLIP's preprocessing use)
+
+
+def resize_shortest_side(
+    img: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """torchvision Resize(size) on a PIL image: short side -> size, long side -> int(size * long / short)."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), resample)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision CenterCrop(size) for an image at least `size` on both sides."""
+    w, h = img.size
+    if w < size or h < size:
+        raise ValueError(f"center_crop: image {w}x{h} is smaller than the crop {size}")
+    top = round((h - size) / 2.0)
+    left = round((w - size) / 2.0)
+    return img.crop((left, top, left + size, top + size))
+
+
+def _prepare(img: Image.Image) -> Image.Image:
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(img).__name__}")
+    return to_rgb(img) if img.mode in _CONVERT_FIRST or img.mode.startswith("I;16") else img
+
+
+def _to_normalized_tensor(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    # Same float32 ops as torchvision's ToTensor + Normalize, so results match bit for bit.
+    x = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
+    x = x.permute(2, 0, 1).contiguous().float().div_(255)  # (3, H, W) in [0, 1]
+    return x.sub_(mean).div_(std)
+
+
+class _Base:
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.config = cfg
+        self.image_size = cfg.image_size
+        self._resample = INTERPOLATIONS[cfg.interpolation]
+        self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+
+    def _finish(self, img: Image.Image) -> torch.Tensor:
+        return _to_normalized_tensor(to_rgb(img), self._mean, self._std)
+
+
+class EvalTransform(_Base):
+    """PIL image -> FloatTensor (3, S, S): resize short side, center crop, RGB, normalise."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = resize_shortest_side(_prepare(img), self.image_size, self._resample)
+        return self._finish(center_crop(img, self.image_size))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.config})"
+
+
+class TrainTransform(_Base):
+    """PIL image -> FloatTensor (3, S, S) with a random crop (see the module docstring for the RNG)."""
+
+    def __init__(
+        self,
+        cfg: PreprocessConfig,
+        mode: str = "square_crop",
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(cfg)
+        if mode not in TRAIN_MODES:
+            raise ValueError(f"unknown train transform mode {mode!r}; choose from {TRAIN_MODES}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+        self.mode, self.scale, self.ratio = mode, tuple(scale), tuple(ratio)
+        self.generator = generator
+
+    def _randint(self, high: int) -> int:
+        """Uniform in [0, high) with torchvision's call (torch.randint(0, high, (1,)))."""
+        return int(torch.randint(0, high, size=(1,), generator=self.generator).item())
+
+    def _uniform(self, lo: float, hi: float) -> float:
+        return float(torch.empty(1).uniform_(lo, hi, generator=self.generator).item())
+
+    def crop_params(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """torchvision RandomResizedCrop.get_params: (top, left, h, w) of the crop in the source image."""
+        area = height * width
+        log_ratio = torch.log(torch.tensor(self.ratio))  # float32, as torchvision computes it
+        for _ in range(10):
+            target_area = area * self._uniform(self.scale[0], self.scale[1])
+            aspect = torch.exp(torch.empty(1).uniform_(*log_ratio.tolist(), generator=self.generator)).item()
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return self._randint(height - h + 1), self._randint(width - w + 1), h, w
+        in_ratio = width / height  # no valid crop in 10 tries: central crop clamped to the ratio range
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img, n = _prepare(img), self.image_size
+        if self.mode == "square_crop":
+            img = resize_shortest_side(img, n, self._resample)
+            w, h = img.size
+            top, left = self._randint(h - n + 1), self._randint(w - n + 1)  # torchvision RandomCrop order
+            img = img.crop((left, top, left + n, top + n))
+        else:
+            top, left, h, w = self.crop_params(*img.size)
+            img = img.crop((left, top, left + w, top + h)).resize((n, n), self._resample)
+        return self._finish(img)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform({self.config}, mode={self.mode!r}, scale={self.scale}, ratio={self.ratio})"
+
+
+def eval_transform(cfg_or_size: PreprocessConfig | int) -> EvalTransform:
+    """OpenAI's eval preprocessing for a model input size (or a PreprocessConfig)."""
+    return EvalTransform(_as_config(cfg_or_size))
+
+
+def train_transform(
+    cfg_or_size: PreprocessConfig | int,
+    mode: str = "square_crop",
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> TrainTransform:
+    """Training preprocessing: "square_crop" (CLIP paper) or "random_resized_crop" (OpenCLIP default)."""
+    return TrainTransform(_as_config(cfg_or_size), mode, scale, ratio, generator)
