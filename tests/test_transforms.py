@@ -111,6 +111,7 @@ def test_eval_matches_openai_reference_on_photos(name, n):
         (225, 225, 224),
         (224, 300, 224),
         (301, 226, 224),
+        (227, 224, 224),
         (1, 2, 7),
     ],
 )
@@ -121,11 +122,13 @@ def test_eval_odd_sizes(h, w, n):
 
 def test_center_crop_rounding_is_pythons_round():
     # 227 - 224 = 3 -> round(1.5) = 2, 229 - 224 = 5 -> round(2.5) = 2 (half to even, like torchvision)
-    for extra, expected_left in [(3, 2), (5, 2), (1, 0), (2, 1)]:
+    for extra, expected_start in [(3, 2), (5, 2), (1, 0), (2, 1), (7, 4)]:
         arr = np.zeros((8, 8 + extra, 3), np.uint8)
-        arr[:, expected_left] = 255  # marks the first column the crop must keep
-        out = eval_transform(8)(Image.fromarray(arr))
-        assert to_uint8(out)[:, 0].min() == 255 and to_uint8(out)[:, 1:].max() == 0
+        arr[:, expected_start] = 255  # marks the first column the crop must keep
+        for a in (arr, arr.transpose(1, 0, 2)):  # crop along the width, then along the height
+            out = to_uint8(eval_transform(8)(Image.fromarray(np.ascontiguousarray(a))))
+            first, rest = (out[:, 0], out[:, 1:]) if a is arr else (out[0], out[1:])
+            assert first.min() == 255 and rest.max() == 0
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "CMYK"])
