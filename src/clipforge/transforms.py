@@ -275,7 +275,12 @@ class TrainTransform(_Base):
         return float(torch.empty(1).uniform_(lo, hi, generator=self.generator).item())
 
     def crop_params(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """torchvision RandomResizedCrop.get_params: (top, left, h, w) of the crop in the source image."""
+        """torchvision RandomResizedCrop.get_params: (top, left, h, w) of the crop in the source image.
+
+        With OpenCLIP's scale=(0.9, 1.0) no crop fits an image more elongated than ~1.48:1, so such
+        images always get the fallback: the central crop with its ratio clamped to `ratio` (as in
+        torchvision, hence in OpenCLIP).
+        """
         area = height * width
         log_ratio = torch.log(torch.tensor(self.ratio))  # float32, as torchvision computes it
         for _ in range(10):
