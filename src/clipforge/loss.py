@@ -1,0 +1,156 @@
+"""Contrastive objectives as pure functions of (already normalised) features.
+
+- `clip_loss`: symmetric InfoNCE over the scaled cosine-similarity matrix (Radford et al. 2021, Fig. 3),
+  with ConVIRT's lambda weighting of the two directions (Zhang et al. 2020; CLIP: lambda = 0.5).
+- `siglip_loss`: SigLIP's pairwise sigmoid loss (Zhai et al. 2023, Algorithm 1).
+- `clip_loss_local_vs_global`: the multi-device form of `clip_loss` (OpenCLIP's `local_loss=True`).
+
+Nothing here gathers across devices: the caller passes gathered features (gathering with gradients is
+a separate function of the distributed helpers). `get_loss(name)` gives every objective the one signature
+the training step calls: `loss_fn(image_features, text_features, logit_scale, logit_bias) -> scalar`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _check(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    if image_features.dim() != 2 or text_features.dim() != 2:
+        raise ValueError(
+            f"features must be (N, D) and (M, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(
+            f"image and text features differ in width: {image_features.shape[1]} vs {text_features.shape[1]}"
+        )
+
+
+def _default_labels(n: int, m: int, device: torch.device) -> torch.Tensor:
+    if m < n:
+        raise ValueError(f"{n} images but only {m} texts: pass labels (the positive text of each image)")
+    return torch.arange(n, device=device)
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    lam: float = 0.5,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE: lam * CE(image -> text) + (1 - lam) * CE(text -> image).
+
+    image_features (N, D) and text_features (M, D) are L2-normalised; logit_scale is the temperature
+    already exponentiated (CLIPOutput.logit_scale). logits = logit_scale * img @ txt.T is (N, M).
+    labels (N,) gives the column of each image's positive text (default: the diagonal, needs M >= N).
+    Image -> text is a softmax over all M texts (extra texts act as negatives); text -> image is a
+    softmax over the N images for each text that is some image's positive. Each text must be the
+    positive of at most one image.
+    """
+    _check(image_features, text_features)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    n, m = image_features.shape[0], text_features.shape[0]
+    square = labels is None and m == n
+    if labels is None:
+        labels = _default_labels(n, m, image_features.device)
+    elif labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    logits = logit_scale * image_features @ text_features.T  # (N, M)
+    loss_i2t = F.cross_entropy(logits, labels)
+    # text -> image: row k = the positive text of image k against all N images
+    logits_t = logits.T if square else logits[:, labels].T  # (N, N)
+    loss_t2i = F.cross_entropy(logits_t, torch.arange(n, device=logits.device))
+    return lam * loss_i2t + (1.0 - lam) * loss_t2i
+
+
+def clip_loss_local_vs_global(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    all_image_features: torch.Tensor,
+    all_text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    offset: int,
+    lam: float = 0.5,
+) -> torch.Tensor:
+    """`clip_loss` for one device of many: local rows against gathered columns.
+
+    image_features/text_features (n, D) are this device's pairs; all_* (M, D) are the features of every
+    device concatenated in rank order (gathered *with* gradients by the caller), in which this device's
+    pairs sit at rows offset .. offset + n - 1. The loss is
+        lam * CE(local images -> all texts) + (1 - lam) * CE(local texts -> all images),
+    so the mean of this value over devices equals `clip_loss` of the whole global batch, and summing the
+    per-device gradients (what DDP does, up to its 1/world averaging) gives the global-batch gradient.
+    Cost is n x M logits per device instead of M x M.
+    """
+    _check(image_features, all_text_features)
+    _check(text_features, all_image_features)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    n, m = image_features.shape[0], all_text_features.shape[0]
+    if text_features.shape[0] != n or all_image_features.shape[0] != m:
+        raise ValueError(
+            "local image/text features and gathered image/text features must pair up row for row"
+        )
+    if not 0 <= offset <= m - n:
+        raise ValueError(f"offset {offset} puts {n} local rows outside the {m} gathered rows")
+    labels = torch.arange(offset, offset + n, device=image_features.device)
+    loss_i2t = F.cross_entropy(logit_scale * image_features @ all_text_features.T, labels)  # (n, M)
+    loss_t2i = F.cross_entropy(logit_scale * text_features @ all_image_features.T, labels)  # (n, M)
+    return lam * loss_i2t + (1.0 - lam) * loss_t2i
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    labels: torch.Tensor | None = None,
+    negative_only: bool = False,
+) -> torch.Tensor:
+    """SigLIP: -(1/N) * sum_ij log sigmoid(z_ij * (t * x_i . y_j + b)), z = +1 for a pair, -1 otherwise.
+
+    image_features (N, D), text_features (M, D) normalised; logit_scale t already exponentiated; logit_bias
+    b. labels (N,) as in `clip_loss` (default: the diagonal). negative_only=True treats every pair as a
+    negative: SigLIP's chunked multi-device loss uses it for the text blocks of the other devices, and
+    the sum of a device's blocks divided by its N rows is exactly SigLIP's normalisation.
+    """
+    _check(image_features, text_features)
+    n, m = image_features.shape[0], text_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T + logit_bias  # (N, M)
+    z = -torch.ones_like(logits)
+    if not negative_only:
+        if labels is None:
+            labels = _default_labels(n, m, logits.device)
+        elif labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        z[torch.arange(n, device=logits.device), labels] = 1.0
+    return -F.logsigmoid(z * logits).sum() / n
+
+
+def get_loss(name: str, lam: float = 0.5) -> LossFn:
+    """The objective `name` ("clip" or "siglip") as loss_fn(image_features, text_features, logit_scale,
+    logit_bias). "clip" ignores the bias (a constant shift cancels in the softmax); "siglip" needs one."""
+    if name == "clip":
+
+        def clip_fn(img, txt, logit_scale, logit_bias=None):
+            return clip_loss(img, txt, logit_scale, lam=lam)
+
+        return clip_fn
+    if name == "siglip":
+
+        def siglip_fn(img, txt, logit_scale, logit_bias=None):
+            if logit_bias is None:
+                raise ValueError(
+                    "siglip loss needs a model with a logit_bias (config init_logit_bias, e.g. -10)"
+                )
+            return siglip_loss(img, txt, logit_scale, logit_bias)
+
+        return siglip_fn
+    raise ValueError(f"unknown loss {name!r}; choose 'clip' or 'siglip'")
