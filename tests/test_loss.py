@@ -21,7 +21,7 @@ def _logsumexp(values):
 
 
 def slow_clip_loss(x, y, scale, lam=0.5, labels=None):
-    """Loop over i, j with scalar maths: lam * mean_i CE_i(image->text) + (1 - lam) * mean_k CE_k(text->image)."""
+    """Loops over i, j with scalar maths: lam * mean CE(image->text) + (1 - lam) * mean CE(text->image)."""
     n, m = x.shape[0], y.shape[0]
     labels = list(range(n)) if labels is None else [int(v) for v in labels]
     s = [[scale * _dot(x, y, i, j) for j in range(m)] for i in range(n)]

@@ -23,7 +23,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | Non
 def _check(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     if image_features.dim() != 2 or text_features.dim() != 2:
         raise ValueError(
-            f"features must be (N, D) and (M, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            "features must be (N, D) and (M, D), "
+            f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     if image_features.shape[1] != text_features.shape[1]:
         raise ValueError(
