@@ -1,0 +1,240 @@
+"""One typed experiment config: nested frozen dataclasses, loaded from YAML/JSON plus dotted overrides.
+
+    exp = load_experiment("run.yaml", ["optim.lr=1e-3", "train.steps=2000"])
+    exp.optim.lr  # 0.001
+
+Unknown keys and values of the wrong type raise a ValueError naming the key. The resolved config
+(`exp.to_dict()`) is written into the run directory and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model to train: a preset name, or a checkpoint to start from (any `clipforge.load` format)."""
+
+    preset: str = "tiny-vit"
+    checkpoint: str | None = None
+    # "openai" (the 49408-token OpenAI vocabulary), "bpe" (train a BPE on the training captions, of
+    # `vocab_size` ids) or a directory holding a saved clipforge tokenizer.
+    tokenizer: str = "openai"
+    vocab_size: int | None = None  # with tokenizer "bpe": its size (default: the preset's)
+    context_length: int | None = None  # default: the preset's
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where pairs come from. `synthetic` needs no files; the others read `train` (and `val`)."""
+
+    kind: Literal["synthetic", "manifest", "folder", "webdataset"] = "synthetic"
+    train: str | None = None  # manifest file, image folder, or shard pattern ("shards/{000..009}.tar")
+    val: str | None = None  # held-out pairs for retrieval recall (same kind as train)
+    image_key: str = "image"  # manifest column names
+    caption_key: str = "caption"
+    synthetic_train: int = 20000  # synthetic set sizes (images)
+    synthetic_val: int = 512
+    augment: Literal["none", "square_crop", "random_resized_crop"] = "random_resized_crop"
+    shuffle: bool = True
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW with decoupled weight decay and a cosine schedule with linear warm-up (OpenCLIP's ViT defaults)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = 0.0
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 1000
+    batch_size: int = 64  # the contrastive batch (after accumulation)
+    accum_steps: int = 1  # micro-batches per step; exact: the loss still sees the whole batch
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_checkpointing: bool = False
+    mask_ratio: float = 0.0  # FLIP: share of image patches dropped while training
+    unmasked_steps: int = 0  # FLIP's unmasked tuning: the last N steps run with mask_ratio 0
+    loss: Literal["clip", "siglip"] = "clip"
+    lam: float = 0.5  # ConVIRT weighting of image->text vs text->image (CLIP: 0.5)
+    max_nonfinite: int = 5  # stop after this many consecutive non-finite losses
+    device: str = "auto"  # "auto" = cuda when available
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    tensorboard: bool = True  # when the package is installed
+
+
+@dataclass(frozen=True)
+class Experiment:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        if t.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {t.steps}")
+        if t.batch_size < 1 or t.accum_steps < 1 or t.batch_size % t.accum_steps:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must be a positive multiple of train.accum_steps "
+                f"({t.accum_steps})"
+            )
+        if not 0.0 <= t.mask_ratio < 1.0:
+            raise ValueError(f"train.mask_ratio must be in [0, 1), got {t.mask_ratio}")
+        if t.unmasked_steps < 0 or t.unmasked_steps > t.steps:
+            raise ValueError(f"train.unmasked_steps must be in [0, train.steps], got {t.unmasked_steps}")
+        if self.run.keep_last < 1:
+            raise ValueError(f"run.keep_last must be >= 1, got {self.run.keep_last}")
+        if self.data.kind != "synthetic" and not self.data.train:
+            raise ValueError(f"data.kind={self.data.kind!r} needs data.train (a path)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Experiment:
+        return _build(cls, d, "")
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> Experiment:
+        return Experiment.from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_experiment(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Experiment:
+    """An Experiment from a YAML/JSON file (or the defaults when `path` is None) plus `key=value`s."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"experiment config not found: {p}")
+        text = p.read_text()
+        d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ValueError(f"experiment config {p} must be a mapping, got {type(d).__name__}")
+    return Experiment.from_dict(apply_overrides(d, overrides))
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `a.b=value` strings (values parsed as YAML scalars: 1e-3, true, null, [0.9, 0.98])."""
+    d = json.loads(json.dumps(d))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ValueError(f"override key {key!r} must be section.field (e.g. train.steps)")
+        section, name = parts
+        node = d.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key!r}: {section!r} is not a section")
+        node[name] = _parse_scalar(raw)
+    return d
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    # YAML 1.1 reads "1e-3" as a string; accept float-looking strings as floats.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        label = f"{where}." if where else ""
+        raise ValueError(
+            f"unknown config key(s): {', '.join(label + k for k in unknown)}; known: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    raise ValueError(f"{key}: unsupported config type {tp}")

@@ -1,0 +1,127 @@
+"""Run directories: resolved config, atomic checkpoints (temp file + os.replace), keep-last-K, resume.
+
+out/
+  experiment.yaml        the resolved experiment config
+  metrics.jsonl          one JSON object per logged step / evaluation
+  checkpoints/step-00000500.pt ...
+  plots/*.png            written at the end
+  model/                 the final model (clipforge.load-able)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+_CKPT = re.compile(r"^step-(\d+)\.pt$")
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.plots = self.path / "plots"
+        self.metrics = self.path / "metrics.jsonl"
+        self.config = self.path / "experiment.yaml"
+
+    def create(self) -> RunDir:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.plots.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def save_config(self, config: dict[str, Any]) -> None:
+        atomic_write_bytes(self.config, yaml.safe_dump(config, sort_keys=False).encode())
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}.pt"
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of complete checkpoints, oldest first (temp files never match the pattern)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints.iterdir():
+            m = _CKPT.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = self.list_checkpoints()
+        return ckpts[-1][1] if ckpts else None
+
+    def save_checkpoint(self, state: dict[str, Any], step: int, keep_last: int) -> Path:
+        """Write atomically, then delete all but the newest `keep_last` checkpoints."""
+        path = self.checkpoint_path(step)
+        atomic_torch_save(state, path)
+        for _, old in self.list_checkpoints()[:-keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save into a temp file in the same folder, fsync, then os.replace: a crash (or SIGKILL)
+    mid-write leaves the previous checkpoint intact and no half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # Our own run checkpoints hold numpy RNG state and plain Python objects next to tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------ RNG state
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

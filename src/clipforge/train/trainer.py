@@ -1,0 +1,462 @@
+"""A trainer that knows little about CLIP: a loop over batches calling `step_fn`, evaluators passed in.
+
+    trainer = Trainer(model, step_fn, optimizer, scheduler, BatchStream(dataset, 64, seed=0), steps=1000,
+                      run_dir=RunDir("runs/x"), evaluators={"val": lambda m: {...}},
+                      after_step=CLIP.clamp_logit_scale, scalars=lambda m: {"logit_scale": ...})
+    trainer.fit(resume=True)
+
+`step_fn(model, batch, step=..., backward=...) -> loss` runs forward and backward (calling
+`backward(loss)` so fp16 loss scaling stays here) and returns the detached loss; the trainer owns
+precision (autocast), clipping, the optimizer/scheduler step, non-finite guards, checkpoints (every N steps,
+at the end and on SIGTERM/SIGINT), metrics and the progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from .metrics import MetricsLogger, plot_metrics, read_metrics
+from .runs import RunDir, load_checkpoint, rng_state, set_rng_state
+
+StepFn = Callable[..., torch.Tensor]
+Evaluator = Callable[[torch.nn.Module], Mapping[str, float]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run is diverging."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written before stopping."""
+
+
+# ------------------------------------------------------------------------------------------ data
+def _seed_for(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF
+
+
+@contextmanager
+def _forked_rng(seed: int):
+    """Run a block with all global RNGs seeded to `seed`, restoring them afterwards."""
+    state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
+
+
+class _SeededItems(Dataset):
+    """dataset[(epoch, i)] = dataset[i] with random augmentation seeded by (seed, epoch, i).
+
+    Augmentations then depend only on the sample's position in the schedule, not on which worker draws
+    it or on whether the run was resumed in between.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        with _forked_rng(_seed_for(self.seed, epoch, i)):
+            return self.dataset[i]
+
+
+class BatchStream:
+    """Endless batches from a map-style dataset with a resumable position (epoch, samples consumed).
+
+    Each epoch is a permutation drawn from (seed, epoch); incomplete last batches are dropped (a contrastive
+    batch should have a fixed size). `state_dict()` taken after a batch was handed out resumes with the
+    very next one: nothing is lost or repeated.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        workers: int = 0,
+        collate_fn: Callable | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        if isinstance(dataset, IterableDataset):
+            raise TypeError("BatchStream needs a map-style dataset; use IterableBatchStream for streams")
+        n = len(dataset)
+        if n < batch_size:
+            raise ValueError(f"the training set has {n} samples, fewer than one batch of {batch_size}")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.workers, self.collate_fn, self.pin_memory = workers, collate_fn, pin_memory
+        self.epoch, self.index = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def _order(self, epoch: int) -> list[int]:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[Any]:
+        items = _SeededItems(self.dataset, self.seed)
+        while True:
+            epoch, order = self.epoch, self._order(self.epoch)
+            full = len(order) - len(order) % self.batch_size
+            batches = [
+                [(epoch, i) for i in order[s : s + self.batch_size]]
+                for s in range(self.index, full, self.batch_size)
+            ]
+            # A private generator: creating the loader must not consume the global RNG (resume exactness).
+            loader = DataLoader(
+                items,
+                batch_sampler=batches,
+                num_workers=self.workers,
+                collate_fn=self.collate_fn,
+                pin_memory=self.pin_memory,
+                generator=torch.Generator().manual_seed(self.seed),
+                persistent_workers=False,
+            )
+            for batch in loader:
+                self.index += self.batch_size
+                yield batch
+            self.epoch, self.index = epoch + 1, 0
+
+    def skip_counts(self) -> dict[str, int]:
+        return _skip_counts(self.dataset)
+
+
+class IterableBatchStream:
+    """Batches from a streaming dataset (e.g. WebDataset shards); the position is the number of batches
+    consumed, and a resume skips that many (the stream's own order must be deterministic from its seed)."""
+
+    def __init__(
+        self, dataset: IterableDataset, batch_size: int, *, workers: int = 0, collate_fn=None
+    ) -> None:
+        self.dataset, self.batch_size, self.workers, self.collate_fn = (
+            dataset,
+            batch_size,
+            workers,
+            collate_fn,
+        )
+        self.epoch, self.index = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            loader = DataLoader(
+                self.dataset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=self.collate_fn,
+                drop_last=True,
+            )  # fmt: skip
+            skip, seen = self.index // self.batch_size, 0
+            for k, batch in enumerate(loader):
+                seen += 1
+                if k < skip:
+                    continue
+                self.index += self.batch_size
+                yield batch
+            if seen == 0:
+                raise ValueError("the training stream yielded no complete batch")
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def skip_counts(self) -> dict[str, int]:
+        return _skip_counts(self.dataset)
+
+
+def _skip_counts(dataset: Any) -> dict[str, int]:
+    """Skipped-sample counts from the dataset's SkipCounter-like attribute, if it has one."""
+    for name in ("skips", "skip_counter", "skipped"):
+        counter = getattr(dataset, name, None)
+        if counter is None:
+            continue
+        for method in ("as_dict", "to_dict", "counts"):
+            fn = getattr(counter, method, None)
+            if callable(fn):
+                return dict(fn())
+        if isinstance(counter, Mapping):
+            return dict(counter)
+    inner = getattr(dataset, "dataset", None)
+    return _skip_counts(inner) if inner is not None and inner is not dataset else {}
+
+
+# ------------------------------------------------------------------------------------------ trainer
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # the loss of every step this process ran
+    nonfinite_steps: int = 0
+    eval: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        step_fn: StepFn,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        data: BatchStream | IterableBatchStream,
+        *,
+        steps: int,
+        batch_size: int,
+        run_dir: RunDir | None = None,
+        config: Mapping[str, Any] | None = None,
+        precision: str = "fp32",
+        grad_clip: float | None = None,
+        evaluators: Mapping[str, Evaluator] | None = None,
+        eval_every: int = 0,
+        checkpoint_every: int = 0,
+        keep_last: int = 3,
+        log_every: int = 10,
+        max_nonfinite: int = 5,
+        after_step: Callable[[torch.nn.Module], None] | None = None,
+        scalars: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+        progress: bool = True,
+        tensorboard: bool = False,
+        handle_signals: bool = True,
+    ) -> None:
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.model, self.step_fn, self.optimizer, self.scheduler, self.data = (
+            model,
+            step_fn,
+            optimizer,
+            scheduler,
+            data,
+        )
+        self.steps, self.batch_size, self.run_dir = steps, batch_size, run_dir
+        self.config = dict(config or {})
+        self.precision, self.grad_clip = precision, grad_clip
+        self.evaluators = dict(evaluators or {})
+        self.eval_every, self.checkpoint_every, self.keep_last = eval_every, checkpoint_every, keep_last
+        self.log_every, self.max_nonfinite = max(1, log_every), max_nonfinite
+        self.after_step, self.scalars = after_step, scalars
+        self.progress, self.tensorboard, self.handle_signals = progress, tensorboard, handle_signals
+        self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 training needs a GPU (loss scaling); use bf16 on CPU")
+        self.step = 0
+        self.nonfinite_total = 0
+        self._nonfinite_run = 0
+        self._stop_signal: int | None = None
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "data": self.data.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
+            "config": self.config,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.run_dir is not None:
+            self.run_dir.save_checkpoint(self.state_dict(), self.step, self.keep_last)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of the run directory; False when there is none."""
+        path = self.run_dir.latest_checkpoint() if self.run_dir is not None else None
+        if path is None:
+            return False
+        self.load_state_dict(load_checkpoint(path))
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    @contextmanager
+    def _signals(self):
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def train_step(self, batch: Any) -> tuple[float, bool]:
+        """One optimizer step; returns (loss, applied). A non-finite loss or gradient skips the update."""
+        self.model.train()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.step_fn(self.model, batch, step=self.step, backward=self._backward)
+        value = float(loss)
+        finite = math.isfinite(value)
+        if finite and self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            # fp16: the scaler skips inf gradients itself (and lowers the scale); elsewhere we skip.
+            finite = self.precision == "fp16" or bool(torch.isfinite(norm))
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.after_step is not None:
+                self.after_step(self.model)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return value, finite
+
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, ev in self.evaluators.items():
+            run = getattr(ev, "run", ev)
+            for k, v in run(self.model).items():
+                metrics[f"{name}/{k}"] = float(v)
+        self.model.train()
+        return metrics
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        logger = None
+        if self.run_dir is not None:
+            self.run_dir.create()
+            if self.config:
+                self.run_dir.save_config(self.config)
+        if resume and not self.resume():
+            print(
+                f"no checkpoint in {self.run_dir.checkpoints if self.run_dir else '(no run dir)'}; starting fresh"
+            )
+        if self.run_dir is not None:
+            MetricsLogger.truncate_after(self.run_dir.metrics, self.step)
+            tb = self.run_dir.path / "tensorboard" if self.tensorboard else None
+            logger = MetricsLogger(self.run_dir.metrics, tb)
+        result = TrainResult(step=self.step)
+        t_start = time.perf_counter()
+        bar = tqdm(
+            total=self.steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True
+        )
+        window_t, window_n = time.perf_counter(), 0
+        try:
+            with self._signals():
+                stream = iter(self.data)
+                while self.step < self.steps:
+                    batch = next(stream)
+                    loss, applied = self.train_step(batch)
+                    self.step += 1
+                    result.losses.append(loss)
+                    window_n += self.batch_size
+                    if applied:
+                        self._nonfinite_run = 0
+                    else:
+                        self.nonfinite_total += 1
+                        self._nonfinite_run += 1
+                        if self._nonfinite_run >= self.max_nonfinite:
+                            raise NonFiniteLossError(
+                                f"{self._nonfinite_run} consecutive non-finite losses/gradients up to step "
+                                f"{self.step} (last loss {loss}); the run is diverging: lower optim.lr, use "
+                                f"fp32/bf16, or enable optim.grad_clip. Last good checkpoint: "
+                                f"{self.run_dir.latest_checkpoint() if self.run_dir else None}"
+                            )
+                    record = self._log_record(loss, window_n, time.perf_counter() - window_t)
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", scale=f"{record.get('logit_scale', 0):.1f}",
+                        sps=f"{record['samples_per_s']:.0f}",
+                    )  # fmt: skip
+                    if logger is not None and (self.step % self.log_every == 0 or self.step == self.steps):
+                        logger.log(record)
+                        window_t, window_n = time.perf_counter(), 0
+                    last = self.step == self.steps
+                    if self.evaluators and (last or (self.eval_every and self.step % self.eval_every == 0)):
+                        result.eval = self.evaluate()
+                        if logger is not None:
+                            logger.log({"kind": "eval", "step": self.step, **result.eval})
+                        bar.write(
+                            f"step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.eval.items())
+                        )
+                    if last or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
+                        self.save_checkpoint()
+                    if self._stop_signal is not None and not last:
+                        self.save_checkpoint()
+                        name = signal.Signals(self._stop_signal).name
+                        raise TrainingInterrupted(
+                            f"{name} at step {self.step}: checkpoint saved; continue with --resume"
+                        )
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        result.step, result.nonfinite_steps = self.step, self.nonfinite_total
+        result.seconds = time.perf_counter() - t_start
+        if self.run_dir is not None:
+            plot_metrics(read_metrics(self.run_dir.metrics), self.run_dir.plots)
+        return result
+
+    def _log_record(self, loss: float, samples: int, seconds: float) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "kind": "train",
+            "step": self.step,
+            "loss": loss,
+            "lr": self.last_lr,
+            "samples_per_s": samples / max(seconds, 1e-9),
+            "nonfinite_steps": self.nonfinite_total,
+        }
+        if self.scalars is not None:
+            record.update({k: float(v) for k, v in self.scalars(self.model).items()})
+        skips = self.data.skip_counts()
+        if skips:
+            record["skipped"] = skips
+        return record
