@@ -56,9 +56,10 @@ class CLIP(nn.Module):
         """(N, T) token ids -> (N, D) unnormalised features, as OpenAI CLIP."""
         return self.text(tokens)
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, mask_ratio: float = 0.0) -> CLIPOutput:
+        """`mask_ratio` > 0 drops that share of image patches at random (FLIP training, ViT towers only)."""
         return CLIPOutput(
-            image_features=F.normalize(self.encode_image(pixels), dim=-1),
+            image_features=F.normalize(self.encode_image(pixels, mask_ratio=mask_ratio), dim=-1),
             text_features=F.normalize(self.encode_text(tokens), dim=-1),
             logit_scale=self.logit_scale.exp().clamp(max=self.config.max_logit_scale),
             logit_bias=self.logit_bias,
