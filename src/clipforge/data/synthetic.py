@@ -1,0 +1,421 @@
+"""Synthetic shapes: procedurally drawn image-caption pairs, deterministic from a seed, no files needed.
+
+A scene holds 1-3 objects, each a (colour, shape) with a size and a place, on one of several
+backgrounds. Captions come from varied templates ("a photo of a large red circle on the left",
+"two small blue squares on a gray background", "there is a purple star.") and always put the colour
+word directly before the shape word, so a caption names its colour-shape combinations unambiguously.
+
+Compositional split: a fraction of the (colour, shape) combinations is held out. Split "train" (and
+"seen_eval") draws objects of seen combinations only, so a held-out combination never appears in a
+training image or caption, while every colour and every shape does; "unseen" draws held-out ones.
+Zero-shot on unseen combinations ("a purple triangle" when purple things and triangles were seen,
+never together) then tests composition. Classification over all COLOURS x SHAPES (64 classes) puts
+chance at 1/64.
+
+Distribution shifts for robustness evaluation re-render the same scenes differently: other
+backgrounds, textured fills, gaussian noise, outline-only drawing, blur (`SHIFTS`).
+
+Every sample is drawn from its own RNG keyed by (seed, split, index), so `make_pairs(cfg, n)[:k]`
+equals `make_pairs(cfg, k)` and the same seed gives the same bytes on every machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .drawing import COLOURS, SHAPES, SIZES, ShapeObject, render_objects
+
+PLURALS = {s: s + "es" if s.endswith("ss") else s + "s" for s in SHAPES}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+POSITIONS = {
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "center": (0.5, 0.5),
+}
+POSITION_PHRASES = {
+    "left": ("on the left", "on the left side"),
+    "right": ("on the right", "on the right side"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "center": ("in the center", "in the middle"),
+}
+# Backgrounds of the base distribution and the unseen ones of the "background" shift; name -> caption words.
+BACKGROUNDS = {
+    "gray": "gray",
+    "brown": "brown",
+    "teal": "teal",
+    "olive": "olive",
+    "gradient": "gradient",
+    "grainy": "grainy",
+}
+SHIFT_BACKGROUNDS = {
+    "pink": "pink",
+    "navy": "navy",
+    "checkered": "checkered",
+    "striped": "striped",
+    "rainbow": "rainbow",
+}
+SHIFTS = ("none", "background", "texture", "noise", "style", "blur")
+SPLITS = ("train", "seen_eval", "unseen", "all")
+Split = Literal["train", "seen_eval", "unseen", "all"]
+NUMBER_WORDS = {2: "two", 3: "three"}
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """What the synthetic set looks like. `holdout_seed` (default: `seed`) picks the held-out combinations."""
+
+    image_size: int = 64
+    seed: int = 0
+    holdout_fraction: float = 0.2
+    colours: tuple[str, ...] = tuple(COLOURS)
+    shapes: tuple[str, ...] = SHAPES
+    p_single: float = 0.5  # scene kinds: one object / 2-3 copies of one object / 2-3 different objects
+    p_count: float = 0.25
+    holdout_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "colours", tuple(self.colours))
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        unknown = [c for c in self.colours if c not in COLOURS] + [s for s in self.shapes if s not in SHAPES]
+        if unknown:
+            raise ValueError(f"unknown colours/shapes {unknown}; known: {list(COLOURS)}, {list(SHAPES)}")
+        if len(self.colours) < 2 or len(self.shapes) < 2:
+            raise ValueError("need at least 2 colours and 2 shapes")
+        if not 0.0 <= self.holdout_fraction <= 0.5:
+            raise ValueError(f"holdout_fraction must be in [0, 0.5], got {self.holdout_fraction}")
+        if not (self.p_single >= 0 and self.p_count >= 0 and self.p_single + self.p_count <= 1):
+            raise ValueError(f"p_single ({self.p_single}) + p_count ({self.p_count}) must be in [0, 1]")
+
+
+@dataclass
+class Scene:
+    image: Image.Image
+    caption: str
+    objects: tuple[ShapeObject, ...]
+    background: str
+    kind: str  # "single" | "count" | "multi"
+    meta: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ combinations
+def all_combos(cfg: ShapesConfig = ShapesConfig()) -> list[tuple[str, str]]:
+    """Every (colour, shape), colour-major."""
+    return [(c, s) for c in cfg.colours for s in cfg.shapes]
+
+
+def holdout_combos(cfg: ShapesConfig = ShapesConfig()) -> list[tuple[str, str]]:
+    """The held-out (colour, shape) combinations, sorted: round(holdout_fraction * C * S) of them, spread
+    over "diagonals" of a shuffled colour x shape grid so each colour and each shape loses at most
+    ceil(k / C) resp. ceil(k / S) combinations and keeps at least one seen combination."""
+    return list(_holdout(cfg))
+
+
+@functools.lru_cache(maxsize=64)
+def _holdout(cfg: ShapesConfig) -> tuple[tuple[str, str], ...]:
+    cols, shps = list(cfg.colours), list(cfg.shapes)
+    k = round(cfg.holdout_fraction * len(cols) * len(shps))
+    rng = random.Random(f"holdout/{cfg.seed if cfg.holdout_seed is None else cfg.holdout_seed}")
+    rng.shuffle(cols)
+    rng.shuffle(shps)
+    n = max(len(cols), len(shps))
+    offsets = list(range(n))
+    rng.shuffle(offsets)
+    out: list[tuple[str, str]] = []
+    for d in offsets:  # diagonal d: (cols[i % C], shps[(i + d) % S]) for i in range(n) -- distinct cells
+        cells = [(cols[i % len(cols)], shps[(i + d) % len(shps)]) for i in range(n)]
+        rng.shuffle(cells)
+        out.extend(c for c in cells if c not in out)
+        if len(out) >= k:
+            break
+    return tuple(sorted(out[:k]))
+
+
+def seen_combos(cfg: ShapesConfig = ShapesConfig()) -> list[tuple[str, str]]:
+    held = set(holdout_combos(cfg))
+    return [c for c in all_combos(cfg) if c not in held]
+
+
+def split_combos(cfg: ShapesConfig, split: str) -> list[tuple[str, str]]:
+    """The combinations a split draws objects from: train/seen_eval -> seen, unseen -> held out, all."""
+    if split in ("train", "seen_eval"):
+        return seen_combos(cfg)
+    if split == "unseen":
+        combos = holdout_combos(cfg)
+        if not combos:
+            raise ValueError("split 'unseen' needs holdout_fraction > 0")
+        return combos
+    if split == "all":
+        return all_combos(cfg)
+    raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+
+
+def combo_classnames(combos: Sequence[tuple[str, str]]) -> list[str]:
+    """Zero-shot class names, e.g. 'purple triangle'."""
+    return [f"{c} {s}" for c, s in combos]
+
+
+# ------------------------------------------------------------------------------------------ scenes
+def _article(text: str) -> str:
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def _place(
+    rng: random.Random, S: int, radii: Sequence[float], tries: int = 60
+) -> list[tuple[float, float]] | None:
+    """Random non-overlapping centres for discs of the given radii (pixels), or None."""
+    placed: list[tuple[float, float, float]] = []
+    for r in radii:
+        for _ in range(tries):
+            x, y = rng.uniform(r + 1, S - r - 1), rng.uniform(r + 1, S - r - 1)
+            if all((x - px) ** 2 + (y - py) ** 2 > (r + pr + 2) ** 2 for px, py, pr in placed):
+                placed.append((x, y, r))
+                break
+        else:
+            return None
+    return [(x, y) for x, y, _ in placed]
+
+
+SINGLE_TEMPLATES = (
+    "a {c} {s}",
+    "a {z} {c} {s}",
+    "a {c} {s} {p}",
+    "a photo of a {z} {c} {s} {p}",
+    "a photo of a {c} {s}",
+    "there is a {c} {s}.",
+    "there is a {z} {c} {s} {p}.",
+    "a {z} {c} {s} on a {b} background",
+    "a {c} {s} on a {b} background, {p}",
+    "an image of a {c} {s} {p} on a {b} background",
+    "a drawing of a {z} {c} {s}",
+    "a picture showing one {c} {s} {p}",
+    "one {z} {c} {s} against a {b} backdrop",
+    "a simple illustration of a {c} {s}.",
+    "{p} there is a {z} {c} {s}",
+    "a {b} picture with a {c} {s} {p}",
+)
+COUNT_TEMPLATES = (
+    "{n} {c} {ss}",
+    "{n} {z} {c} {ss}",
+    "{n} {z} {c} {ss} on a {b} background",
+    "a photo of {n} {c} {ss}",
+    "there are {n} {c} {ss}.",
+    "a picture with {n} {z} {c} {ss}",
+    "{n} {c} {ss} against a {b} backdrop",
+    "an image showing {n} {c} {ss} on a {b} background",
+)
+MULTI_TEMPLATES = (
+    "{objs}",
+    "a photo of {objs}",
+    "there is {objs}.",
+    "{objs} on a {b} background",
+    "a picture with {objs}",
+    "an image of {objs} against a {b} backdrop",
+)
+RELATION_TEMPLATES = ("{o1} {rel} {o2}", "a photo of {o1} {rel} {o2}", "{o1} {rel} {o2} on a {b} background")
+
+
+def _size_word(rng: random.Random, size: str) -> str:
+    return rng.choice(SIZE_WORDS[size])
+
+
+def _scene(
+    cfg: ShapesConfig,
+    combos: Sequence[tuple[str, str]],
+    rng: random.Random,
+    backgrounds: dict[str, str],
+    kind: str | None = None,
+) -> tuple[list[ShapeObject], str, str, int, str]:
+    """(objects, caption, background, background variant, kind) of one random scene."""
+    S = cfg.image_size
+    bg = rng.choice(list(backgrounds))
+    bg_variant = rng.randrange(4)
+    b = backgrounds[bg]
+    if kind is None:
+        u = rng.random()
+        kind = "single" if u < cfg.p_single else "count" if u < cfg.p_single + cfg.p_count else "multi"
+
+    if kind == "count":
+        c, s = rng.choice(combos)
+        n = rng.choice((2, 3))
+        size = "small" if n == 3 or rng.random() < 0.5 else "large"
+        centres = _place(rng, S, [SIZES[size] * S] * n)
+        if centres is not None:
+            objs = [ShapeObject(c, s, size, x, y) for x, y in centres]
+            tmpl = rng.choice(COUNT_TEMPLATES)
+            caption = tmpl.format(n=NUMBER_WORDS[n], z=_size_word(rng, size), c=c, ss=PLURALS[s], b=b)
+            return objs, _article(caption), bg, bg_variant, "count"
+        kind = "single"  # could not place them (tiny images): fall back
+
+    if kind == "multi":
+        n = rng.choice((2, 2, 3))
+        picks = rng.sample(list(combos), min(n, len(combos)))
+        sizes = ["small" if len(picks) == 3 or rng.random() < 0.5 else "large" for _ in picks]
+        centres = _place(rng, S, [SIZES[z] * S for z in sizes])
+        if centres is not None and len(picks) >= 2:
+            objs = [
+                ShapeObject(c, s, z, x, y) for (c, s), z, (x, y) in zip(picks, sizes, centres, strict=True)
+            ]
+            phrases = [
+                f"a {_size_word(rng, o.size)} {o.colour} {o.shape}"
+                if rng.random() < 0.5
+                else f"a {o.colour} {o.shape}"
+                for o in objs
+            ]
+            if len(objs) == 2 and rng.random() < 0.4:
+                o1, o2 = objs
+                dx, dy = o2.x - o1.x, o2.y - o1.y
+                if abs(dx) > abs(dy):
+                    rel = "to the left of" if dx > 0 else "to the right of"
+                else:
+                    rel = "above" if dy > 0 else "below"
+                caption = rng.choice(RELATION_TEMPLATES).format(o1=phrases[0], rel=rel, o2=phrases[1], b=b)
+            else:
+                joined = (
+                    phrases[0] + " and " + phrases[1]
+                    if len(phrases) == 2
+                    else (f"{phrases[0]}, {phrases[1]} and {phrases[2]}")
+                )
+                caption = rng.choice(MULTI_TEMPLATES).format(objs=joined, b=b)
+            return objs, _article(caption), bg, bg_variant, "multi"
+
+    # single object in a named region
+    c, s = rng.choice(combos)
+    size = rng.choice(tuple(SIZES))
+    pos = rng.choice(tuple(POSITIONS))
+    r = SIZES[size] * S
+    ax, ay = POSITIONS[pos]
+    jitter = 0.07 * S
+    x = min(max(ax * S + rng.uniform(-jitter, jitter), r + 1), S - r - 1)
+    y = min(max(ay * S + rng.uniform(-jitter, jitter), r + 1), S - r - 1)
+    obj = ShapeObject(c, s, size, x, y, pos)
+    tmpl = rng.choice(SINGLE_TEMPLATES)
+    caption = tmpl.format(c=c, s=s, z=_size_word(rng, size), p=rng.choice(POSITION_PHRASES[pos]), b=b)
+    return [obj], _article(caption), bg, bg_variant, "single"
+
+
+def _check_shift(shift: str) -> None:
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r}; choose from {SHIFTS}")
+
+
+def _scene_rng(cfg: ShapesConfig, stream: str, split: str, index: int) -> random.Random:
+    return random.Random(f"{cfg.seed}/{stream}/{split}/{index}")  # str seeds hash with sha512: portable
+
+
+def render_scene(
+    cfg: ShapesConfig,
+    split: str,
+    index: int,
+    shift: str = "none",
+    kind: str | None = None,
+    combos: Sequence[tuple[str, str]] | None = None,
+    stream: str = "pairs",
+) -> Scene:
+    """Scene number `index` of a split, deterministic in (cfg.seed, stream, split, index). The scene
+    content does not depend on `shift`: a shifted variant draws the same objects differently."""
+    _check_shift(shift)
+    combos = split_combos(cfg, split) if combos is None else combos
+    rng = _scene_rng(cfg, stream, split, index)
+    objects, caption, bg, bg_variant, kind = _scene(cfg, combos, rng, BACKGROUNDS, kind)
+    shift_rng = random.Random(f"{cfg.seed}/{stream}/{split}/{index}/{shift}")
+    if shift == "background":  # same scene, a background never seen in training
+        bg, bg_variant = shift_rng.choice(list(SHIFT_BACKGROUNDS)), shift_rng.randrange(4)
+    noise_seed = (cfg.seed, SPLITS.index(split) if split in SPLITS else 9, index, 17)
+    image = render_objects(cfg.image_size, objects, bg, bg_variant, shift, shift_rng, noise_seed)
+    return Scene(image, caption, tuple(objects), bg, kind)
+
+
+def make_scenes(
+    cfg: ShapesConfig, n: int, split: Split = "train", shift: str = "none", start: int = 0
+) -> list[Scene]:
+    """Scenes start .. start+n-1 of a split (images, captions and the objects drawn)."""
+    return [render_scene(cfg, split, i, shift) for i in range(start, start + n)]
+
+
+def make_pairs(
+    cfg: ShapesConfig, n: int, split: Split = "train", shift: str = "none", start: int = 0
+) -> list[tuple[Image.Image, str]]:
+    """n (PIL RGB image, caption) pairs of a split; see the module docstring for the splits."""
+    return [(sc.image, sc.caption) for sc in make_scenes(cfg, n, split, shift, start)]
+
+
+def make_captions(cfg: ShapesConfig, n: int, split: Split = "train", start: int = 0) -> list[str]:
+    """The captions of make_pairs(cfg, n, split, start=start), without drawing the images."""
+    combos = split_combos(cfg, split)
+    return [
+        _scene(cfg, combos, _scene_rng(cfg, "pairs", split, i), BACKGROUNDS)[1]
+        for i in range(start, start + n)
+    ]
+
+
+def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """uint8 (N, 3, H, W) from equally sized RGB PIL images."""
+    if not images:
+        return torch.zeros(0, 3, 0, 0, dtype=torch.uint8)
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])  # (N, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def make_tensors(
+    cfg: ShapesConfig, n: int, split: Split = "train", shift: str = "none", start: int = 0
+) -> tuple[torch.Tensor, list[str]]:
+    """Pre-rendered pairs: (uint8 images (n, 3, S, S), captions) -- for TensorPairs."""
+    pairs = make_pairs(cfg, n, split, shift, start)
+    return images_to_tensor([im for im, _ in pairs]), [c for _, c in pairs]
+
+
+def classification_set(
+    cfg: ShapesConfig,
+    n_per_class: int,
+    split: Split = "unseen",
+    label: str = "combo",
+    shift: str = "none",
+    classes: str = "all",
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A labelled set of single-object images: (uint8 images (N, 3, S, S), labels (N,), classnames).
+
+    label="combo": classes are colour-shape combinations ("purple triangle"); images show the
+      combinations of `split` (unseen -> held-out ones); with classes="all" the class list is every
+      combination (chance = 1 / (C * S)) and labels index into it, with classes="split" only the split's.
+    label="shape" / "colour": classes are shapes / colours ("triangle"), images of the split's
+      combinations -- an image-classification task sharing no captions (e.g. to pretrain an image tower).
+    Balanced: n_per_class images per combination of the split (combo) or per class (shape/colour).
+    """
+    _check_shift(shift)
+    combos = split_combos(cfg, split)
+    if label == "combo":
+        classnames = combo_classnames(all_combos(cfg) if classes == "all" else combos)
+        if classes not in ("all", "split"):
+            raise ValueError(f"classes must be 'all' or 'split', got {classes!r}")
+        groups = [(classnames.index(f"{c} {s}"), [(c, s)]) for c, s in combos]
+    elif label in ("shape", "colour"):
+        names = list(cfg.shapes if label == "shape" else cfg.colours)
+        pos = 1 if label == "shape" else 0
+        groups = [(k, [cs for cs in combos if cs[pos] == name]) for k, name in enumerate(names)]
+        groups = [(k, g) for k, g in groups if g]
+        classnames = names
+    else:
+        raise ValueError(f"label must be 'combo', 'shape' or 'colour', got {label!r}")
+    images, labels = [], []
+    stream = f"cls-{label}"
+    for j in range(n_per_class):
+        for k, group in groups:
+            combo = [group[j % len(group)]]
+            scene = render_scene(cfg, split, len(labels), shift, kind="single", combos=combo, stream=stream)
+            images.append(scene.image)
+            labels.append(k)
+    return images_to_tensor(images), torch.tensor(labels, dtype=torch.long), classnames

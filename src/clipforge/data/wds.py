@@ -1,0 +1,335 @@
+"""WebDataset tar shards: stream pairs from them (the `webdataset` package) and write them.
+
+The format is the one img2dataset writes: members `<key>.jpg|png|webp` plus `<key>.txt` (the caption;
+here one caption per line when an image has several) and/or `<key>.json` (`caption` or `captions`).
+
+Reading is deterministic from `seed`: shards are shuffled per epoch (`set_epoch`), split over ranks
+(torch.distributed / RANK, WORLD_SIZE) and DataLoader workers, and samples pass a seeded shuffle buffer.
+Bad samples and unreadable shards are dropped and counted in `dataset.skips` (shared with workers).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import IterableDataset
+from tqdm import tqdm
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
+from webdataset.utils import pytorch_worker_info
+
+from ..transforms import ImageLoadError, load_image
+from .pairs import PairRecord, clean_captions, encode_text
+from .skips import SkipCounter, Skipped
+
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
+    """Shard list from a brace pattern ("shards/{000000..000009}.tar"), a folder (its *.tar), a
+    `::`-separated string or a list. Local files must exist."""
+    if isinstance(urls, str | Path) and Path(urls).is_dir():
+        out = sorted(str(p) for p in Path(urls).glob("*.tar"))
+        if not out:
+            raise FileNotFoundError(f"no .tar shards in {urls}")
+        return out
+    out = expand_urls(str(urls)) if isinstance(urls, str | Path) else [str(u) for u in urls]
+    local = [u for u in out if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(out)} shards not found, e.g. {missing[0]}")
+    if not out:
+        raise ValueError(f"no shards in {urls!r}")
+    return out
+
+
+def decode_sample(
+    sample: dict[str, Any], caption_key: str = "caption"
+) -> tuple[Image.Image, list[str]] | Skipped:
+    """(RGB image, captions) of a raw WebDataset sample, or Skipped naming why not."""
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return Skipped("no_image", where)
+    counter = SkipCounter()  # caption problems of this sample; folded into the reason below
+    if "txt" in sample:
+        try:
+            text = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return Skipped("non_text_caption", f"{where}.txt: not UTF-8")
+        captions = [" ".join(line.split()) for line in text.splitlines()]
+        captions = [c for c in captions if c]
+        if not captions:
+            return Skipped("empty_caption", f"{where}.txt")
+    elif "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return Skipped("non_text_caption", f"{where}.json: not JSON")
+        key = caption_key if isinstance(meta, dict) and caption_key in meta else "captions"
+        if not isinstance(meta, dict) or key not in meta:
+            return Skipped("no_caption", f"{where}.json has no {caption_key!r}")
+        captions = clean_captions(meta[key], None, counter, where)
+        if not captions:
+            return Skipped(next(iter(counter.counts()), "empty_caption"), f"{where}.json")
+    else:
+        return Skipped("no_caption", where)
+    try:
+        image = load_image(io.BytesIO(sample[ext]))
+    except (ImageLoadError, OSError, ValueError) as e:
+        return Skipped("corrupt_image", f"{where}.{ext}: {str(e)[:100]}")
+    return image, captions
+
+
+class WebDatasetPairs(IterableDataset):
+    """Streams {"image", "text"} items from WebDataset shards; see the module docstring."""
+
+    def __init__(
+        self,
+        urls: str | Path | Sequence[str | Path],
+        *,
+        transform: Callable | None = None,
+        tokenizer: Callable | None = None,
+        context_length: int | None = None,
+        shuffle_buffer: int = 1000,
+        shuffle_shards: bool = True,
+        seed: int = 0,
+        caption_key: str = "caption",
+        split_by_node: bool = True,
+    ) -> None:
+        self.urls = shard_urls(urls)
+        self.source = str(urls) if isinstance(urls, str | Path) else f"{len(self.urls)} shards"
+        self.transform, self.tokenizer, self.context_length = transform, tokenizer, context_length
+        self.shuffle_buffer, self.shuffle_shards, self.seed = shuffle_buffer, shuffle_shards, seed
+        self.caption_key, self.split_by_node, self.epoch = caption_key, split_by_node, 0
+        self.skips = SkipCounter(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def num_samples(self) -> int | None:
+        """Total samples from the `sizes.json` next to the shards, when every shard is listed there."""
+        total = 0
+        for url in self.urls:
+            sizes_file = Path(url).parent / "sizes.json"
+            sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+            if Path(url).name not in sizes:
+                return None
+            total += int(sizes[Path(url).name])
+        return total
+
+    def _handler(self, exn: Exception) -> bool:
+        self.skips.record("corrupt_shard", f"{type(exn).__name__}: {str(exn)[:120]}")
+        return True  # keep going with the next shard
+
+    def _my_shards(self) -> tuple[list[str], random.Random]:
+        shards = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(shards)
+        rank, world, worker, workers = pytorch_worker_info()
+        if self.split_by_node:
+            shards = shards[rank::world]
+        shards = shards[worker::workers]
+        return shards, random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
+
+    def _raw(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
+        samples = tarfile_samples(({"url": u} for u in shards), handler=self._handler)
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buf: list[dict[str, Any]] = []
+        for s in samples:  # shuffle raw bytes (cheap to hold), decode only what leaves the buffer
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                k = rng.randrange(len(buf))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shards, rng = self._my_shards()
+        produced = 0
+        for sample in self._raw(shards, rng):
+            got = decode_sample(sample, self.caption_key)
+            if isinstance(got, Skipped):
+                self.skips.record(got.reason, got.detail)
+                continue
+            image, captions = got
+            caption = captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0]
+            image = self.transform(image) if self.transform is not None else image
+            produced += 1
+            yield {"image": image, "text": encode_text(self.tokenizer, caption, self.context_length)}
+        if shards and not produced:
+            raise ValueError(
+                f"no usable samples in {len(shards)} shard(s) of {self.source}, e.g. {shards[0]} "
+                f"({self.skips.summary()})"
+            )
+
+
+# ------------------------------------------------------------------------------------------ writing
+def parse_size(text: str | int | float) -> int:
+    """'100MB' -> 100_000_000, '1GiB' -> 2**30, 5000 -> 5000 (bytes)."""
+    if isinstance(text, int | float):
+        return int(text)
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 10**3,
+        "kb": 10**3,
+        "m": 10**6,
+        "mb": 10**6,
+        "g": 10**9,
+        "gb": 10**9,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+    }
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise ValueError(f"cannot read size {text!r}: use e.g. 100MB, 1.5GB, 512MiB or a byte count")
+    return int(value * units[unit])
+
+
+@dataclass
+class ShardWriteReport:
+    shards: dict[str, int]  # shard file name -> samples
+    skips: SkipCounter
+    out_dir: Path
+    pattern: str = ""
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = sum(self.shards.values())
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.total} samples in {len(self.shards)} shards to {self.out_dir} ({self.pattern}); "
+            f"{self.skips.summary()}"
+        )
+
+
+def _tar_bytes(n: int) -> int:
+    return 512 + (n + 511) // 512 * 512  # header + data padded to blocks
+
+
+def _encode_record(
+    item: PairRecord | tuple[Any, Any], verify: bool
+) -> tuple[bytes, str, list[str], str] | Skipped:
+    """(image bytes, extension, captions, source) of a PairRecord (a file) or an (image, caption(s)) pair."""
+    if isinstance(item, PairRecord):
+        image, captions, source = item.image, list(item.captions), str(item.image)
+    else:
+        image, cap = item
+        captions, source = ([cap] if isinstance(cap, str) else list(cap)), ""
+    captions = [" ".join(c.split()) for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        return Skipped("empty_caption", source)
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue(), "png", captions, source
+    path = Path(image)
+    if not path.is_file():
+        return Skipped("missing_image", source)
+    data = path.read_bytes()
+    ext = {"jpeg": "jpg"}.get(path.suffix.lower().lstrip("."), path.suffix.lower().lstrip("."))
+    if verify or ext not in SHARD_IMAGE_EXTS:
+        try:
+            decoded = load_image(io.BytesIO(data))
+        except (ImageLoadError, OSError, ValueError) as e:
+            return Skipped("corrupt_image", f"{source}: {str(e)[:100]}")
+        if ext not in SHARD_IMAGE_EXTS:  # bmp, gif, tiff ...: store as PNG, which every reader decodes
+            buf = io.BytesIO()
+            decoded.save(buf, format="PNG")
+            data, ext = buf.getvalue(), "png"
+    return data, ext, captions, source
+
+
+def write_shards(
+    records: Any | Iterable[PairRecord | tuple[Any, Any]],
+    out_dir: str | Path,
+    *,
+    max_size: int | str = "100MB",
+    max_count: int = 10_000,
+    name_format: str = "{:06d}.tar",
+    verify: bool = True,
+    skips: SkipCounter | None = None,
+    progress: bool = True,
+) -> ShardWriteReport:
+    """Write records (PairRecords of files, or (PIL image, caption or captions) pairs) as WebDataset shards
+    of at most `max_count` samples and `max_size` bytes each (a single larger sample gets its own shard),
+    plus `sizes.json` ({shard name: count}). Each shard is written to a temp file and renamed when complete.
+    Unreadable images are skipped and counted (with `verify`, every image is decoded first)."""
+    records = getattr(records, "records", records)  # a PairDataset: its records, read as raw files
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    limit, skips = parse_size(max_size), skips if skips is not None else SkipCounter(str(out))
+    if max_count < 1:
+        raise ValueError(f"max_count must be >= 1, got {max_count}")
+    shards: dict[str, int] = {}
+    tar: tarfile.TarFile | None = None
+    tmp = final = None
+    count = size = key = 0
+
+    def close() -> None:
+        nonlocal tar
+        if tar is not None:
+            tar.close()
+            tmp.replace(final)
+            shards[final.name] = count
+            tar = None
+
+    total = len(records) if hasattr(records, "__len__") else None
+    for item in tqdm(records, total=total, desc="writing shards", unit="sample", disable=not progress):
+        got = _encode_record(item, verify)
+        if isinstance(got, Skipped):
+            skips.record(got.reason, got.detail)
+            continue
+        data, ext, captions, source = got
+        name = f"{key:09d}"
+        meta = json.dumps(
+            {"key": name, "caption": captions[0], "captions": captions, "source": source}
+        ).encode()
+        members = [
+            (f"{name}.{ext}", data),
+            (f"{name}.txt", "\n".join(captions).encode()),
+            (f"{name}.json", meta),
+        ]
+        need = sum(_tar_bytes(len(d)) for _, d in members)
+        # tarfile ends an archive with 2 zero blocks and pads it to a 10240-byte record
+        if tar is not None and (count >= max_count or size + need + 1024 + tarfile.RECORDSIZE > limit):
+            close()
+        if tar is None:
+            final = out / name_format.format(len(shards))
+            tmp = final.with_name(final.name + ".tmp")
+            tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
+            count, size = 0, 0
+        for member, payload in members:
+            info = tarfile.TarInfo(member)
+            info.size, info.mode, info.mtime = len(payload), 0o644, 0
+            tar.addfile(info, io.BytesIO(payload))
+        count, size, key = count + 1, size + need, key + 1
+    close()
+    if not shards:
+        raise ValueError(f"no samples written to {out}: the source yielded none ({skips.summary()})")
+    (out / "sizes.json").write_text(json.dumps(shards, indent=1) + "\n")
+    names = sorted(shards)
+    pattern = (
+        str(out / names[0]) if len(names) == 1 else str(out / f"{{{names[0][:-4]}..{names[-1][:-4]}}}.tar")
+    )
+    return ShardWriteReport(shards, skips, out, pattern)
