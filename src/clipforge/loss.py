@@ -55,8 +55,11 @@ def clip_loss(
     positive of at most one image.
     """
     _check(image_features, text_features)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+        raise ValueError(
+            f"lam must be a float in [0, 1], got {lam!r} (as a training-step loss_fn(img, txt, scale, bias), "
+            "use get_loss('clip'))"
+        )
     n, m = image_features.shape[0], text_features.shape[0]
     square = labels is None and m == n
     if labels is None:
