@@ -367,3 +367,11 @@ def test_train_bpe_small_corpus_and_tiny_vocab():
     assert small.encode("red") == [small.encoder["red</w>"]]
     with pytest.raises(ValueError, match="at least 514"):
         train_bpe(["a b c"], vocab_size=100)
+
+
+def test_bounded_cache_keeps_ids(ref, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "_CACHE_MAX", 8)
+    small = Tokenizer.from_openai_vocab(find_openai_vocab().parent)  # a directory holding the file works too
+    for text in CORPUS[:100]:
+        assert small.encode(text) == ref.encode(text)
+        assert len(small._cache) <= 8

@@ -32,7 +32,7 @@ EOW = "</w>"  # marks the last symbol of a word
 OPENAI_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_NUM_MERGES = 49152 - 256 - 2  # lines 1..48894 of the file; line 0 is a header
 CLEAN_MODES = ("openai", "whitespace")  # "whitespace": collapse + lowercase only (no ftfy / HTML unescape)
-_CACHE_MAX = 262_144  # words kept in the per-instance BPE cache before it is cleared
+_CACHE_MAX = 131_072  # words kept in the per-instance BPE cache before it is cleared
 # After the specials, OpenAI's pattern: contractions, letter runs, single digits, other non-space runs.
 _WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _WHITESPACE = regex.compile(r"\s+")
@@ -268,6 +268,8 @@ class Tokenizer:
     ) -> Tokenizer:
         """From OpenAI's `bpe_simple_vocab_16e6.txt.gz`: the path given, or the copy a package ships."""
         path = Path(path) if path is not None else find_openai_vocab()
+        if path.is_dir():
+            path = path / OPENAI_VOCAB_FILE
         if not path.is_file():
             raise FileNotFoundError(f"OpenAI BPE vocabulary not found: {path}")
         opener = gzip.open if path.suffix == ".gz" else open
