@@ -36,7 +36,9 @@ class CLIP(nn.Module):
         self.visual = tower(cfg.vision, cfg.embed_dim)
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
+        self.logit_bias = (
+            None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
+        )
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -80,9 +82,11 @@ class CLIP(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay: gains, biases, embeddings and the temperature."""
         names = set()
-        for name, p in self.named_parameters():
-            if p.ndim < 2 or "embed" in name or name in ("logit_scale", "logit_bias"):
-                names.add(name)
+        for mod_name, mod in self.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                # The patch-embedding convolution is a linear map, decayed like every other matrix.
+                if p.ndim < 2 or isinstance(mod, nn.Embedding) or p_name in ("pos_embed", "class_embedding"):
+                    names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
         return names
 
     @property

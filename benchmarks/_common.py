@@ -1,0 +1,99 @@
+"""Helpers shared by the benchmark scripts: timing, matmul peak, FLOP counting, tables, JSON.
+
+Every benchmark prints a table and writes a JSON file under `benchmarks/results/`. Numbers depend on
+the machine and on whatever else runs on it; the JSON records the environment next to the numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_call(
+    fn: Callable[[], Any], warmup: int = 2, min_repeats: int = 5, min_seconds: float = 2.0
+) -> dict[str, float]:
+    """Seconds per call of `fn()`: median and best over at least `min_repeats` calls and `min_seconds`."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "best_s": min(times), "repeats": len(times)}
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, min_seconds: float = 2.0) -> float:
+    """Measured matmul throughput in FLOP/s: the best of repeated (n x n) @ (n x n) products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    with torch.inference_mode():
+        t = time_call(lambda: torch.mm(a, b, out=out), warmup=2, min_repeats=3, min_seconds=min_seconds)
+    return 2 * n**3 / t["best_s"]
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn()` (2 x multiply-accumulates of matmuls, convolutions and attention)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Plain-text table; floats get 3 significant digits (or integer digits when larger)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(name: str | Path, data: dict[str, Any]) -> Path:
+    """Write `data` (plus the environment) to benchmarks/results/<name> (or to a given path)."""
+    path = Path(name)
+    if not path.is_absolute() and path.parent == Path("."):
+        path = RESULTS_DIR / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **data}, indent=2) + "\n")
+    return path
