@@ -208,6 +208,9 @@ def collate_pairs(batch: Sequence[Any], skips: SkipCounter | None = None) -> dic
 class PairDataset(Dataset):
     """Map-style dataset over PairRecords; see the module docstring for skipping.
 
+    With `retry`, a failed index is counted and replaced by the next loadable one; over an epoch (every
+    index once) each bad file is counted exactly once.
+
     `seed=None` draws caption choices from torch's global RNG (which the trainer seeds per sample);
     an int makes them a function of (seed, epoch, index) -- call `set_epoch` each epoch.
     """
@@ -270,7 +273,8 @@ class PairDataset(Dataset):
                 return {"image": image, "text": encode_text(self.tokenizer, caption, self.context_length)}
             if not self.retry:
                 return got
-            self.skips.record(got.reason, got.detail)
+            if attempt == 0:  # a bad neighbour tried as a replacement is counted when its own index comes up,
+                self.skips.record(got.reason, got.detail)  # so each bad file counts once per epoch
         raise RuntimeError(
             f"{self.max_retries + 1} consecutive samples from index {index} of {self.source} failed to load "
             f"({self.skips.summary()}); is the data readable?"

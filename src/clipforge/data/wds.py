@@ -27,7 +27,7 @@ from webdataset.tariterators import tarfile_samples
 from webdataset.utils import pytorch_worker_info
 
 from ..transforms import ImageLoadError, load_image
-from .pairs import PairRecord, clean_captions, encode_text
+from .pairs import PairRecord, encode_text
 from .skips import SkipCounter, Skipped
 
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -59,7 +59,6 @@ def decode_sample(
     ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
     if ext is None:
         return Skipped("no_image", where)
-    counter = SkipCounter()  # caption problems of this sample; folded into the reason below
     if "txt" in sample:
         try:
             text = sample["txt"].decode("utf-8")
@@ -77,9 +76,13 @@ def decode_sample(
         key = caption_key if isinstance(meta, dict) and caption_key in meta else "captions"
         if not isinstance(meta, dict) or key not in meta:
             return Skipped("no_caption", f"{where}.json has no {caption_key!r}")
-        captions = clean_captions(meta[key], None, counter, where)
+        items = meta[key] if isinstance(meta[key], list) else [meta[key]]
+        if not any(isinstance(v, str) for v in items):
+            return Skipped("non_text_caption", f"{where}.json: {type(meta[key]).__name__} {caption_key!r}")
+        captions = [" ".join(v.split()) for v in items if isinstance(v, str)]
+        captions = [c for c in captions if c]
         if not captions:
-            return Skipped(next(iter(counter.counts()), "empty_caption"), f"{where}.json")
+            return Skipped("empty_caption", f"{where}.json")
     else:
         return Skipped("no_caption", where)
     try:
