@@ -219,6 +219,8 @@ def test_step_errors():
 def test_memory_model_for_effective_batch():
     d = 512
     assert accumulation_memory_bytes(32768, d) == 16 * 32768 * d + 16 * 32768**2
-    for budget in (2**30, 8 * 2**30, 80 * 2**30):
-        b = max_effective_batch(budget, d)
-        assert accumulation_memory_bytes(b, d) <= budget < accumulation_memory_bytes(b + 1, d)
+    for loss in ("clip", "siglip"):
+        for budget in (2**30, 8 * 2**30, 80 * 2**30):
+            b = max_effective_batch(budget, d, loss)
+            assert accumulation_memory_bytes(b, d, loss) <= budget < accumulation_memory_bytes(b + 1, d, loss)
+    assert max_effective_batch(0, d) == 0
