@@ -4,7 +4,7 @@ Datasets yield {"image": FloatTensor (3, S, S), "text": LongTensor (ctx)} given 
 (PIL image -> tensor) and a `tokenizer` (list of str -> LongTensor (N, ctx)).
 """
 
-from .export import class_folder_name, write_class_folders, write_pair_folder
+from .export import class_folder_name, write_class_folders, write_pair_folder, write_robustness_sets
 from .memory import SyntheticPairs, TensorPairs
 from .pairs import (
     FolderPairs,
@@ -70,5 +70,6 @@ __all__ = [
     "split_combos",
     "write_class_folders",
     "write_pair_folder",
+    "write_robustness_sets",
     "write_shards",
 ]

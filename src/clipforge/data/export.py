@@ -65,3 +65,18 @@ def write_class_folders(
         json.dumps(dict(zip(folders, classnames, strict=True)), indent=1) + "\n"
     )
     return out
+
+
+def write_robustness_sets(
+    cfg, out: str | Path, n_per_class: int = 10, split: str = "seen_eval", shifts: Sequence[str] | None = None
+) -> dict[str, Path]:
+    """The synthetic classification set under every distribution shift, one class-folder set each:
+    out/<shift>/<class>/... ("none" is the in-distribution set). Returns {shift: folder}, ready for
+    `clipforge eval robustness` (in-distribution = out/none, shifted = the others)."""
+    from .synthetic import SHIFTS, classification_set
+
+    paths = {}
+    for shift in shifts or SHIFTS:
+        images, labels, classnames = classification_set(cfg, n_per_class, split, shift=shift)
+        paths[shift] = write_class_folders(images, labels, classnames, Path(out) / shift)
+    return paths

@@ -53,7 +53,13 @@ class SkipCounter:
     def __init__(self, source: str = "") -> None:
         self.source = source
         # (process slot, reason); moved to shared memory so forked/spawned workers write into it
-        self._table = torch.zeros(_MAX_WORKERS + 1, len(REASONS), dtype=torch.int64).share_memory_()
+        self._table = torch.zeros(_MAX_WORKERS + 1, len(REASONS), dtype=torch.int64)
+        try:
+            self._table.share_memory_()
+        except RuntimeError:  # no shared memory here (e.g. a tiny /dev/shm): worker counts stay in workers
+            log.warning(
+                "SkipCounter: shared memory unavailable; skips inside DataLoader workers are not counted"
+            )
         self._examples: dict[str, list[str]] = {}
 
     def record(self, reason: str, detail: str = "", n: int = 1) -> None:

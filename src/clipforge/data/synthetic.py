@@ -141,7 +141,14 @@ def _holdout(cfg: ShapesConfig) -> tuple[tuple[str, str], ...]:
         out.extend(c for c in cells if c not in out)
         if len(out) >= k:
             break
-    return tuple(sorted(out[:k]))
+    held = set(out[:k])
+    seen = [(c, s) for c in cols for s in shps if (c, s) not in held]
+    lost = (set(cols) - {c for c, _ in seen}) | (set(shps) - {s for _, s in seen})
+    if lost:  # cannot happen for holdout_fraction <= 0.5; a guard for odd colour/shape subsets
+        raise ValueError(
+            f"holdout_fraction={cfg.holdout_fraction} leaves no seen combination for {sorted(lost)}"
+        )
+    return tuple(sorted(held))
 
 
 def seen_combos(cfg: ShapesConfig = ShapesConfig()) -> list[tuple[str, str]]:
