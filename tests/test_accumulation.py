@@ -184,6 +184,9 @@ def test_scaler_and_backward_hooks_scale_every_micro_batch():
     _, scaled = _step_grads(model, images, texts, LOSSES["clip"], accum_steps=4, backward=backward)
     assert len(calls) == 1
     _assert_same_grads({n: g / 8.0 for n, g in scaled.items()}, plain)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # the fp16 code path's loss scaling
+    _, scaled = _step_grads(model, images, texts, LOSSES["clip"], accum_steps=4, scaler=scaler)
+    _assert_same_grads({n: g / 16.0 for n, g in scaled.items()}, plain)
 
 
 def test_make_step_fn_batches_and_unmasked_tuning():
