@@ -1,0 +1,210 @@
+"""Load any supported checkpoint into clipforge; save clipforge, OpenAI and HF formats.
+
+Formats read by `load` (detected from the path, then from the keys):
+- OpenAI: TorchScript archive as published (read without running its code) or a plain state dict;
+- OpenCLIP: `{"epoch", "name", "state_dict", ...}` with `module.` prefixes, .pt/.bin/.safetensors;
+- HF CLIP directory: config.json + model.safetensors or pytorch_model.bin;
+- clipforge directory: config.json (`"format": "clipforge"`), model.safetensors, tokenizer files.
+Weights are upcast to fp32 exactly (no round trip through fp16, unlike OpenAI's own loader).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import CLIPConfig
+from ..models.clip import CLIP
+from .convert_hf import config_from_hf, convert_hf_to_clipforge
+from .convert_openai import convert_openai_to_clipforge, infer_config_from_openai
+from .keys import check_shapes, meta_state_dict, shapes_of
+from .torchscript import is_torchscript_archive, read_torchscript_state_dict
+
+FORMAT_NAME = "clipforge"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into clipforge's layout (fp32), before a model is built."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: CLIPConfig
+    source_format: str  # "openai-torchscript" | "openai" | "openclip" | "hf" | "clipforge"
+    path: Path
+    spec: dict[str, Any]  # clipforge config.json (preprocess / tokenizer entries) or {}
+
+
+def read_checkpoint(path: str | Path, config: CLIPConfig | None = None) -> Checkpoint:
+    """Read any supported checkpoint into clipforge's state-dict layout, upcast to fp32. `config`
+    overrides the architecture inferred from the shapes (e.g. for heads or GELU models)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return _read_directory(path, config)
+    if is_torchscript_archive(path):
+        sd, fmt = _read_torchscript(path), "openai-torchscript"
+    else:
+        sd, fmt = _read_weights_file(path)
+    sd = _upcast(sd)
+    if "text_projection" in sd:  # OpenAI layout (OpenAI or OpenCLIP files)
+        cfg = config or infer_config_from_openai(sd)
+        return Checkpoint(convert_openai_to_clipforge(sd, cfg), cfg, fmt, path, {})
+    if "text.proj" in sd:
+        if config is None:
+            raise ValueError(
+                f"{path}: a clipforge-layout state dict needs `config=` (or save it with save_pretrained)"
+            )
+        check_shapes(sd, shapes_of(meta_state_dict(config)), f"{path}")
+        return Checkpoint(sd, config, "clipforge", path, {})
+    if "text_model.embeddings.token_embedding.weight" in sd:
+        raise ValueError(
+            f"{path}: a HF CLIPModel state dict needs its config.json: load the directory holding both"
+        )
+    raise ValueError(f"{path}: not a CLIP checkpoint in a known layout (first keys: {list(sd)[:5]})")
+
+
+def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read_torchscript_state_dict(path)
+    except (pickle.UnpicklingError, KeyError, ValueError, RuntimeError) as e:
+        warnings.warn(
+            f"{path}: reading the TorchScript archive directly failed ({e}); falling back to torch.jit.load",
+            stacklevel=3,
+        )
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+
+
+def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: not loadable with torch.load(weights_only=True): {e}") from e
+    fmt = "openai"
+    if isinstance(obj, Mapping) and "state_dict" in obj:  # OpenCLIP training checkpoint
+        obj, fmt = obj["state_dict"], "openclip"
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+        obj, fmt = {k[len("module.") :]: v for k, v in obj.items()}, "openclip"
+    return dict(obj), fmt
+
+
+def _read_directory(path: Path, config: CLIPConfig | None) -> Checkpoint:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: a checkpoint directory needs config.json")
+    spec = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if spec.get("format") == FORMAT_NAME:
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: clipforge directory lacks {WEIGHTS_FILE}")
+        from safetensors.torch import load_file
+
+        cfg = config or CLIPConfig.from_dict(spec["model"])
+        sd = _upcast(load_file(str(weights)))
+        check_shapes(sd, shapes_of(meta_state_dict(cfg)), f"{weights}")
+        return Checkpoint(sd, cfg, "clipforge", path, spec)
+    if spec.get("model_type") == "clip" or "vision_config" in spec:
+        cfg = config or config_from_hf(spec)
+        weights = next((path / n for n in HF_WEIGHTS_FILES if (path / n).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"{path}: HF CLIP directory lacks {' or '.join(HF_WEIGHTS_FILES)}")
+        sd, _ = _read_weights_file(weights)
+        return Checkpoint(
+            convert_hf_to_clipforge(_upcast(sd), cfg), cfg, "hf", path, _hf_preprocess_spec(path)
+        )
+    raise ValueError(f'{cfg_file}: neither a clipforge ("format": "clipforge") nor a HF CLIP config')
+
+
+def _hf_preprocess_spec(path: Path) -> dict[str, Any]:
+    f = path / "preprocessor_config.json"
+    if not f.is_file():
+        return {}
+    p = json.loads(f.read_text(encoding="utf-8"))
+    crop = p.get("crop_size")
+    size = crop.get("height") if isinstance(crop, dict) else crop
+    out = {"preprocess": {}}
+    if size:
+        out["preprocess"]["image_size"] = int(size)
+    if "image_mean" in p and "image_std" in p:
+        out["preprocess"].update(mean=list(p["image_mean"]), std=list(p["image_std"]))
+    return out
+
+
+def _upcast(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors to fp32 (exact); integer buffers (BatchNorm's num_batches_tracked) as they are."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> CLIP:
+    """A CLIP in eval mode holding the checkpoint's weights (built on meta and assigned: no random init)."""
+    with torch.device("meta"):
+        model = CLIP(ckpt.config)
+    model.load_state_dict({k: v.contiguous() for k, v in ckpt.state_dict.items()}, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", config: CLIPConfig | None = None):
+    """Load a checkpoint of any supported format -> `(model, preprocess, tokenizer)`.
+
+    preprocess: `clipforge.transforms.eval_transform` for the model's input size (and the mean/std a
+    clipforge or HF directory records). tokenizer: the directory's tokenizer files when present, else
+    OpenAI's BPE (`Tokenizer.from_openai_vocab`) when the model has its 49408-token vocabulary. When
+    neither is available, the tokenizer is None and a warning says why (images still work).
+    """
+    ckpt = read_checkpoint(path, config)
+    model = build_model(ckpt, device)
+    return model, _preprocess(ckpt), _tokenizer(ckpt)
+
+
+def _preprocess(ckpt: Checkpoint):
+    from ..transforms import PreprocessConfig, eval_transform
+
+    spec = dict(ckpt.spec.get("preprocess") or {})
+    spec.setdefault("image_size", ckpt.config.vision.image_size)
+    return eval_transform(PreprocessConfig.from_dict(spec))
+
+
+def _tokenizer(ckpt: Checkpoint):
+    from ..tokenizer import Tokenizer
+
+    text = ckpt.config.text
+    d = ckpt.path if ckpt.path.is_dir() else None
+    if d is not None and (
+        ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()) or (d / "tokenizer.json").is_file()
+    ):
+        tok = Tokenizer.from_hf(d, context_length=text.context_length)
+    elif text.vocab_size == 49408:
+        try:
+            tok = Tokenizer.from_openai_vocab(context_length=text.context_length)
+        except FileNotFoundError as e:
+            warnings.warn(f"{ckpt.path}: no tokenizer returned: {e}", stacklevel=3)
+            return None
+    else:
+        warnings.warn(
+            f"{ckpt.path}: no tokenizer returned: the model's vocabulary has {text.vocab_size} tokens and "
+            "the checkpoint carries no tokenizer files (vocab.json + merges.txt or tokenizer.json)",
+            stacklevel=3,
+        )
+        return None
+    if tok.vocab_size > text.vocab_size:
+        raise ValueError(
+            f"{ckpt.path}: the tokenizer has {tok.vocab_size} tokens, the model only {text.vocab_size}"
+        )
+    return tok

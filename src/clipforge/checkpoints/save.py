@@ -1,0 +1,132 @@
+"""Write checkpoints: clipforge directories, OpenAI-layout state dicts, HF CLIPModel directories.
+
+Every writer is atomic: files go to a temporary sibling first and are moved into place with
+`os.replace`, so an interrupted save never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.clip import CLIP
+from .convert_hf import config_to_hf, convert_clipforge_to_hf
+from .convert_openai import convert_clipforge_to_openai
+from .io import FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE
+
+
+@contextmanager
+def atomic_directory(dst: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory next to `dst`; on success it replaces `dst` (a previous one is removed)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory")
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:
+        yield tmp
+        old = None
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def atomic_file(dst: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)`, then move the file onto `dst`."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
+def _save_safetensors(sd: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_tensors(sd), str(path), metadata={"format": "pt"})
+
+
+def _preprocess_dict(model: CLIP, preprocess: Any) -> dict[str, Any]:
+    from ..transforms import PreprocessConfig
+
+    cfg = getattr(preprocess, "config", preprocess)  # an EvalTransform carries its PreprocessConfig
+    if cfg is None:
+        cfg = PreprocessConfig(model.config.vision.image_size)
+    if not isinstance(cfg, PreprocessConfig):
+        raise TypeError(
+            f"preprocess must be a PreprocessConfig or a clipforge transform, got {type(preprocess).__name__}"
+        )
+    return cfg.to_dict()
+
+
+def save_pretrained(
+    model: CLIP, directory: str | Path, tokenizer: Any = None, preprocess: Any = None
+) -> Path:
+    """Write a clipforge checkpoint directory: config.json (model config + preprocessing + tokenizer
+    spec), model.safetensors, and the tokenizer's files (`tokenizer.save(dir)`) when one is given."""
+    spec: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "preprocess": _preprocess_dict(model, preprocess),
+        "tokenizer": None,
+    }
+    if tokenizer is not None:
+        spec["tokenizer"] = {
+            "files": ["vocab.json", "merges.txt", "tokenizer_config.json"],
+            "vocab_size": tokenizer.vocab_size,
+            "context_length": tokenizer.context_length,
+            "sot_token_id": tokenizer.sot_token_id,
+            "eot_token_id": tokenizer.eot_token_id,
+        }
+    with atomic_directory(directory) as tmp:
+        _save_safetensors(model.state_dict(), tmp / WEIGHTS_FILE)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / "config.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    return Path(directory)
+
+
+def save_openai(model: CLIP, path: str | Path) -> Path:
+    """Write a plain OpenAI-layout state dict (`torch.save`), as OpenCLIP's converted checkpoints;
+    `clip.model.build_model` and `clipforge.load` read it."""
+    sd = _tensors(convert_clipforge_to_openai(model.state_dict(), model.config))
+    atomic_file(path, lambda tmp: torch.save(sd, tmp))
+    return Path(path)
+
+
+def save_hf(model: CLIP, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write a HF CLIP directory (config.json + model.safetensors [+ vocab.json/merges.txt]) that
+    `transformers.CLIPModel.from_pretrained` reads."""
+    sd = convert_clipforge_to_hf(model.state_dict(), model.config)
+    with atomic_directory(directory) as tmp:
+        _save_safetensors(sd, tmp / "model.safetensors")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / "config.json").write_text(
+            json.dumps(config_to_hf(model.config), indent=2) + "\n", encoding="utf-8"
+        )
+    return Path(directory)

@@ -1,0 +1,122 @@
+"""Read the tensors of a TorchScript archive (OpenAI's published CLIP files) without running its code.
+
+A TorchScript archive is a zip: `<name>/data.pkl` pickles the module tree (objects of classes
+`__torch__.*`, each a dict of attributes: submodules, parameters, buffers, flags) and each tensor's
+bytes live in `<name>/data/<key>`. A restricted unpickler rebuilds only plain containers and tensors;
+any other global is refused, so nothing from the archive is executed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+_STORAGE_DTYPES = {
+    "HalfStorage": torch.float16,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """A zip holding `<name>/data.pkl` and `<name>/constants.pkl` (plain torch.save zips lack the latter)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any(n.endswith("/data.pkl") for n in names)
+
+
+class _ScriptObject:
+    """Stand-in for a `__torch__.*` module: keeps its attribute dict, runs nothing."""
+
+    qualified_name = ""
+
+    def __init__(self) -> None:
+        self.attrs: dict = {}
+
+    def __setstate__(self, state: object) -> None:
+        self.attrs = state if isinstance(state, dict) else {"__state__": state}
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+def _rebuild_tensor(
+    storage: torch.Tensor, offset: int, size, stride, requires_grad=False, hooks=None, metadata=None
+):
+    return storage.as_strided(tuple(size), tuple(stride), offset)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, zf: zipfile.ZipFile, prefix: str) -> None:
+        super().__init__(file)
+        self.zf, self.prefix = zf, prefix
+        self.storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("__torch__"):
+            return type(name, (_ScriptObject,), {"qualified_name": f"{module}.{name}"})
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        raise pickle.UnpicklingError(
+            f"TorchScript archive references {module}.{name}, which is not read here"
+        )
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid
+        if kind != "storage" or not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        if key not in self.storages:
+            data = bytearray(self.zf.read(f"{self.prefix}/data/{key}"))
+            dtype = storage_type.dtype
+            t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            self.storages[key] = t[:numel]
+        return self.storages[key]
+
+
+def read_torchscript_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensor attributes of the archive's module tree, keyed by dotted path (as `module.state_dict()`),
+    in the archive's dtypes. Raises `pickle.UnpicklingError` for archives this reader cannot handle."""
+    if sys.byteorder != "little":
+        raise pickle.UnpicklingError("reading TorchScript archives needs a little-endian machine")
+    with zipfile.ZipFile(path) as zf:
+        data_pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(data_pkl) != 1:
+            raise pickle.UnpicklingError(
+                f"{path}: expected one '<name>/data.pkl' in the archive, found {data_pkl}"
+            )
+        prefix = data_pkl[0].rsplit("/", 1)[0]
+        with zf.open(data_pkl[0]) as f:
+            root = _Unpickler(f, zf, prefix).load()
+    if not isinstance(root, _ScriptObject):
+        raise pickle.UnpicklingError(f"{path}: data.pkl does not hold a TorchScript module")
+    out: dict[str, torch.Tensor] = {}
+    _collect(root, "", out)
+    return out
+
+
+def _collect(obj: _ScriptObject, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    for name, value in getattr(obj, "attrs", {}).items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value.clone()  # own the memory: the storages are views of the zip bytes
+        elif isinstance(value, _ScriptObject):
+            _collect(value, f"{prefix}{name}.", out)
