@@ -16,16 +16,20 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from .config import get_config
+from .eval import RetrievalEvaluator, ZeroShotEvaluator
 from .models import create_model
+from .tokenizer import train_bpe
+from .train.build import TensorPairs, normalise_uint8
+from .train.optim import build_optimizer, cosine_schedule
 from .train.runs import RunDir, seed_everything
+from .train.step import make_step_fn
 from .train.trainer import BatchStream, Trainer
 
 # Optimizer steps per second of the demo model at batch 128 on 2 CPU cores (fp32), measured; the step
@@ -45,11 +49,17 @@ class DemoConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 30
     train_images: int = 20000
-    eval_images: int = 600  # per split (seen / unseen)
+    eval_per_class: int = 10  # zero-shot images per combination (seen / unseen)
     retrieval_pairs: int = 500
     eval_every: int = 0  # 0 = at the end only
-    vocab_size: int = 512
+    vocab_size: int = 1024
+    width: int = 192
+    layers: int = 4
+    text_layers: int = 4
+    patch_size: int = 8
+    embed_dim: int = 128
     progress: bool = True
+    threads: int | None = None  # default: all cores
 
     def num_steps(self) -> int:
         if self.steps is not None:
@@ -57,40 +67,19 @@ class DemoConfig:
         return max(10, int((self.minutes * 60 - OVERHEAD_S) * ASSUMED_STEPS_PER_S))
 
 
-class _PairTensors(Dataset):
-    """In-memory uint8 images (N, 3, S, S) + token ids (N, T) -> {"image": normalised float, "text": ids}."""
-
-    def __init__(self, images: torch.Tensor, tokens: torch.Tensor) -> None:
-        from .transforms import OPENAI_MEAN, OPENAI_STD
-
-        self.images, self.tokens = images, tokens
-        self.mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": (self.images[i].float() / 255 - self.mean) / self.std, "text": self.tokens[i]}
-
-
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    from .transforms import OPENAI_MEAN, OPENAI_STD
-
-    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
-def demo_model_config(vocab_size: int):
-    cfg = get_config("demo-vit")
-    return cfg.replace(text=type(cfg.text)(**{**asdict(cfg.text), "vocab_size": vocab_size}))
+def demo_model_config(vocab_size: int, demo: DemoConfig):
+    base = get_config("demo-vit")
+    w, L = demo.width, demo.layers
+    vision = replace(base.vision, width=w, layers=L, heads=max(1, w // 64), patch_size=demo.patch_size)
+    text = replace(base.text, vocab_size=vocab_size, width=w, layers=demo.text_layers, heads=max(1, w // 64))
+    return base.replace(embed_dim=demo.embed_dim, vision=vision, text=text)
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
-    from .train import _standin as S
+    from .data.synthetic import ShapesConfig, classification_set, holdout_combos, make_tensors
 
     t0 = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,61 +87,66 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     say = print if cfg.progress else (lambda *a, **k: None)
 
     # ---- data: training pairs never show the held-out colour-shape combinations
-    unseen = S.held_out_combos()
-    all_combos = sorted((c, s) for c in S.COLOURS for s in S.SHAPES)
-    seen = [c for c in all_combos if c not in unseen]
-    say(f"generating {cfg.train_images} training images of {len(seen)} colour-shape combinations "
-        f"({len(unseen)} combinations held out) ...")  # fmt: skip
-    train_x, train_caps, _, _ = S.make_split(cfg.train_images, cfg.seed * 7 + 1, seen)
-    classnames = [f"{c} {s}" for c, s in all_combos]
-    seen_x, _, seen_y, _ = S.make_split(cfg.eval_images, cfg.seed * 7 + 2, seen, captions=False)
-    seen_y = torch.tensor([all_combos.index(seen[i]) for i in seen_y])
-    unseen_list = sorted(unseen)
-    unseen_x, _, unseen_y, _ = S.make_split(cfg.eval_images, cfg.seed * 7 + 3, unseen_list, captions=False)
-    unseen_y = torch.tensor([all_combos.index(unseen_list[i]) for i in unseen_y])
-    ret_x, ret_caps, _, _ = S.make_split(cfg.retrieval_pairs, cfg.seed * 7 + 4, seen)
-    for caption in train_caps:
-        assert not any(f"{c} {s}" in caption for c, s in unseen), caption
+    shapes = ShapesConfig(image_size=64, seed=cfg.seed)
+    unseen = holdout_combos(shapes)
+    say(
+        f"generating {cfg.train_images} synthetic training pairs ({len(unseen)} of "
+        f"{len(shapes.colours) * len(shapes.shapes)} colour-shape combinations held out) ..."
+    )
+    train_x, train_caps = make_tensors(shapes, cfg.train_images, "train")
+    seen_x, seen_y, classnames = classification_set(shapes, cfg.eval_per_class, "seen_eval", classes="all")
+    unseen_x, unseen_y, _ = classification_set(shapes, cfg.eval_per_class, "unseen", classes="all")
+    ret_x, ret_caps = make_tensors(shapes, cfg.retrieval_pairs, "seen_eval")
+    held = [f"{c} {s}" for c, s in unseen]
+    leaked = [c for c in train_caps if any(h in c for h in held)]
+    if leaked:  # the whole point of the demo: never true
+        raise RuntimeError(f"a held-out combination appears in a training caption: {leaked[0]!r}")
 
     # ---- tokenizer + model
-    tokenizer = S.train_bpe(train_caps, vocab_size=cfg.vocab_size, context_length=32)
-    model = create_model(demo_model_config(tokenizer.vocab_size))
+    tokenizer = train_bpe(train_caps, vocab_size=cfg.vocab_size, context_length=32)
+    model = create_model(demo_model_config(tokenizer.vocab_size, cfg))
     n_params = sum(p.numel() for p in model.parameters())
     tokens = tokenizer(train_caps, context_length=model.context_length, truncate=True)
-    data = BatchStream(_PairTensors(train_x, tokens), cfg.batch_size, seed=cfg.seed)
+    data = BatchStream(TensorPairs(train_x, tokens), cfg.batch_size, seed=cfg.seed)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.98), 1e-6)
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, steps)
+    step_fn = make_step_fn("clip")
 
-    optimizer = S.build_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.98), 1e-6)
-    scheduler = S.cosine_schedule(optimizer, cfg.warmup_steps, steps)
-
-    def step_fn(model, batch, *, step, backward):
-        img = torch.nn.functional.normalize(model.encode_image(batch["image"]), dim=-1)
-        txt = torch.nn.functional.normalize(model.encode_text(batch["text"]), dim=-1)
-        scale = model.logit_scale.exp().clamp(max=model.config.max_logit_scale)
-        loss = S.clip_loss(img, txt, scale)
-        backward(loss)
-        return loss.detach()
-
-    from .eval import RetrievalEvaluator, ZeroShotEvaluator
-
-    templates = ["a {}.", "a picture of a {}.", "a drawing of a {}."]
+    templates = ["a {}.", "a photo of a {}.", "there is a {}."]
     evaluators = {
-        "seen": ZeroShotEvaluator(classnames, templates, _normalise(seen_x), seen_y).run,
-        "unseen": ZeroShotEvaluator(classnames, templates, _normalise(unseen_x), unseen_y).run,
-        "retrieval": RetrievalEvaluator(_normalise(ret_x), ret_caps, torch.arange(len(ret_caps))).run,
+        "seen": ZeroShotEvaluator(classnames, templates, normalise_uint8(seen_x), seen_y),
+        "unseen": ZeroShotEvaluator(classnames, templates, normalise_uint8(unseen_x), unseen_y),
+        "retrieval": RetrievalEvaluator(normalise_uint8(ret_x), ret_caps, torch.arange(len(ret_caps))),
     }
-    evaluators = {k: (lambda m, f=f: f(m, tokenizer)) for k, f in evaluators.items()}
-    say(f"model: demo-vit, {n_params / 1e6:.1f}M parameters, vocabulary {tokenizer.vocab_size}; "
-        f"{steps} steps of batch {cfg.batch_size} (~{steps / ASSUMED_STEPS_PER_S / 60:.1f} min on 2 CPU cores)")  # fmt: skip
+    evaluators = {k: (lambda m, ev=ev: ev.run(m, tokenizer)) for k, ev in evaluators.items()}
+    say(
+        f"model: {n_params / 1e6:.1f}M parameters, BPE vocabulary {tokenizer.vocab_size}; {steps} steps of "
+        f"batch {cfg.batch_size} (~{steps / ASSUMED_STEPS_PER_S / 60:.1f} min on 2 CPU cores)"
+    )
 
     run_dir = RunDir(out)
     if run_dir.metrics.exists():
         run_dir.metrics.unlink()  # a fresh demo each time
     trainer = Trainer(
-        model, step_fn, optimizer, scheduler, data, steps=steps, batch_size=cfg.batch_size, run_dir=run_dir,
-        config={"demo": asdict(cfg)}, grad_clip=1.0, evaluators=evaluators, eval_every=cfg.eval_every,
-        checkpoint_every=0, keep_last=1, log_every=10, after_step=lambda m: m.clamp_logit_scale(),
-        scalars=lambda m: {"logit_scale": m.logit_scale.exp().item()}, progress=cfg.progress,
-    )  # fmt: skip
+        model,
+        step_fn,
+        optimizer,
+        scheduler,
+        data,
+        steps=steps,
+        batch_size=cfg.batch_size,
+        run_dir=run_dir,
+        config={"demo": asdict(cfg)},
+        grad_clip=1.0,
+        evaluators=evaluators,
+        eval_every=cfg.eval_every,
+        checkpoint_every=0,
+        keep_last=1,
+        log_every=10,
+        after_step=lambda m: m.clamp_logit_scale(),
+        scalars=lambda m: {"logit_scale": m.logit_scale.exp().item()},
+        progress=cfg.progress,
+    )
     t_train = time.perf_counter()
     result = trainer.fit()
     train_s = time.perf_counter() - t_train
@@ -166,8 +160,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
         "chance": 1 / len(classnames),
         "seen_top1": ev["seen/acc1"],
         "unseen_top1": ev["unseen/acc1"],
-        "seen_combinations": len(seen),
-        "unseen_combinations": sorted(f"{c} {s}" for c, s in unseen),
+        "seen_combinations": len(classnames) - len(held),
+        "unseen_combinations": held,
         "retrieval": {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith("retrieval/")},
         "final_loss": result.losses[-1],
         "train_seconds": train_s,

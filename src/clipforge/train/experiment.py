@@ -51,7 +51,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class OptimSpec:
-    """AdamW with decoupled weight decay and a cosine schedule with linear warm-up (OpenCLIP's ViT defaults)."""
+    """AdamW (decoupled weight decay), cosine schedule with linear warm-up; OpenCLIP's ViT defaults."""
 
     lr: float = 5e-4
     weight_decay: float = 0.2

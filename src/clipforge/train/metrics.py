@@ -1,4 +1,4 @@
-"""Metrics: a JSONL log (plus TensorBoard when installed) and PNG plots drawn with matplotlib's Agg backend."""
+"""Metrics: a JSONL log (plus TensorBoard when installed) and PNG plots (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 

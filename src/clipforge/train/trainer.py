@@ -175,9 +175,12 @@ class IterableBatchStream:
     def __iter__(self) -> Iterator[Any]:
         while True:
             loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=self.collate_fn,
+                self.dataset,
+                batch_size=self.batch_size,
+                num_workers=self.workers,
+                collate_fn=self.collate_fn,
                 drop_last=True,
-            )  # fmt: skip
+            )
             skip, seen = self.index // self.batch_size, 0
             for k, batch in enumerate(loader):
                 seen += 1
@@ -377,7 +380,8 @@ class Trainer:
                 self.run_dir.save_config(self.config)
         if resume and not self.resume():
             print(
-                f"no checkpoint in {self.run_dir.checkpoints if self.run_dir else '(no run dir)'}; starting fresh"
+                f"no checkpoint in {self.run_dir.checkpoints if self.run_dir else '(no run dir)'}; "
+                "starting fresh"
             )
         if self.run_dir is not None:
             MetricsLogger.truncate_after(self.run_dir.metrics, self.step)
@@ -413,9 +417,11 @@ class Trainer:
                     record = self._log_record(loss, window_n, time.perf_counter() - window_t)
                     bar.update(1)
                     bar.set_postfix(
-                        loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", scale=f"{record.get('logit_scale', 0):.1f}",
+                        loss=f"{loss:.4f}",
+                        lr=f"{record['lr']:.2e}",
+                        scale=f"{record.get('logit_scale', 0):.1f}",
                         sps=f"{record['samples_per_s']:.0f}",
-                    )  # fmt: skip
+                    )
                     if logger is not None and (self.step % self.log_every == 0 or self.step == self.steps):
                         logger.log(record)
                         window_t, window_n = time.perf_counter(), 0

@@ -1,0 +1,36 @@
+"""`clipforge train --config run.yaml [key=value ...] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a CLIP model from an experiment config (YAML/JSON)")
+    p.add_argument("--config", help="experiment YAML/JSON (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint of run.output_dir"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.build import run_experiment
+    from ..train.experiment import load_experiment
+    from ..train.trainer import NonFiniteLossError, TrainingInterrupted
+
+    exp = load_experiment(args.config, args.overrides)
+    try:
+        result = run_experiment(exp, resume=args.resume, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        print(f"clipforge train: {e}")
+        return 130
+    except NonFiniteLossError as e:
+        print(f"clipforge train: error: {e}")
+        return 1
+    print(f"trained {result.step} steps in {result.seconds:.0f} s; run directory: {exp.run.output_dir}")
+    for k, v in result.eval.items():
+        print(f"  {k}: {v:.4f}")
+    return 0

@@ -1,0 +1,229 @@
+"""Trainer, run directories, experiment configs: resume exactness, signals, non-finite guards, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from clipforge import create_model
+from clipforge.train.experiment import Experiment, load_experiment
+from clipforge.train.metrics import read_metrics
+from clipforge.train.optim import build_optimizer, cosine_schedule
+from clipforge.train.runs import RunDir, atomic_torch_save
+from clipforge.train.trainer import BatchStream, NonFiniteLossError, Trainer, TrainingInterrupted
+
+
+class Pairs(Dataset):
+    """Random 32 px images and captions; a random crop-and-flip augmentation drawn from torch's global RNG."""
+
+    def __init__(self, n: int = 40) -> None:
+        g = torch.Generator().manual_seed(123)
+        self.images = torch.randn(n, 3, 36, 36, generator=g)
+        lengths = torch.randint(3, 12, (n,), generator=g)
+        self.tokens = torch.zeros(n, 16, dtype=torch.long)
+        for i, L in enumerate(lengths.tolist()):
+            self.tokens[i, :L] = torch.randint(1, 500, (L,), generator=g)
+            self.tokens[i, L] = 49407  # EOT, the largest id
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        y, x = torch.randint(0, 5, (2,)).tolist()
+        img = self.images[i, :, y : y + 32, x : x + 32]
+        if torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        return {"image": img, "text": self.tokens[i]}
+
+
+def clip_step(model, batch, *, step, backward):
+    # FLIP masking draws from the global RNG too, so resume must restore it
+    img = F.normalize(model.encode_image(batch["image"], mask_ratio=0.25), dim=-1)
+    txt = F.normalize(model.encode_text(batch["text"]), dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.T
+    labels = torch.arange(len(img))
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    backward(loss)
+    return loss.detach()
+
+
+def make_trainer(tmp_path, steps=12, step_fn=clip_step, model_seed=0, **kw):
+    torch.manual_seed(model_seed)
+    model = create_model("tiny-vit")
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    sched = cosine_schedule(opt, 3, steps)
+    data = BatchStream(Pairs(), 8, seed=7, shuffle=True, workers=0)  # 5 batches per epoch: crosses epochs
+    kw = {"checkpoint_every": 0, "keep_last": 2, "log_every": 1, "progress": False, **kw}
+    return Trainer(
+        model,
+        step_fn,
+        opt,
+        sched,
+        data,
+        steps=steps,
+        batch_size=8,
+        run_dir=RunDir(tmp_path),
+        grad_clip=1.0,
+        after_step=lambda m: m.clamp_logit_scale(),
+        scalars=lambda m: {"logit_scale": m.logit_scale.exp().item()},
+        config={"test": True},
+        **kw,
+    )
+
+
+def test_resume_reproduces_uninterrupted_loss_curve(tmp_path):
+    torch.manual_seed(99)
+    straight = make_trainer(tmp_path / "a").fit()
+    assert len(straight.losses) == 12
+
+    def interrupting_step(model, batch, *, step, backward):
+        if step == 5:  # a real SIGTERM through the installed handler, during step 6
+            signal.raise_signal(signal.SIGTERM)
+        return clip_step(model, batch, step=step, backward=backward)
+
+    torch.manual_seed(99)
+    first = make_trainer(tmp_path / "b", step_fn=interrupting_step)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 6"):
+        first.fit()
+    assert [s for s, _ in RunDir(tmp_path / "b").list_checkpoints()] == [6]
+    # a fresh process: other initial weights and RNG state, everything must come from the checkpoint
+    torch.manual_seed(12345)
+    second = make_trainer(tmp_path / "b", model_seed=1)
+    resumed = second.fit(resume=True)
+    assert len(resumed.losses) == 6
+    curve = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
+    assert curve == pytest.approx(straight.losses, abs=1e-6)
+    for a, b in zip(straight.losses[6:], resumed.losses, strict=True):
+        assert abs(a - b) <= 1e-6
+    pa, pb = make_trainer(tmp_path / "a").model, second.model
+    pa.load_state_dict(torch.load(RunDir(tmp_path / "a").latest_checkpoint(), weights_only=False)["model"])
+    for (n, x), y in zip(pa.state_dict().items(), pb.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=n)
+
+
+def test_batch_stream_resumes_without_loss_or_repeat():
+    class Index(Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.tensor(i)
+
+    a = BatchStream(Index(), 3, seed=1)
+    it = iter(a)
+    seen = [next(it).tolist() for _ in range(4)]  # 3 batches per epoch (one sample dropped), into epoch 1
+    state = a.state_dict()
+    assert state == {"epoch": 1, "index": 3}
+    rest = [next(it).tolist() for _ in range(4)]
+    b = BatchStream(Index(), 3, seed=1)
+    b.load_state_dict(state)
+    it_b = iter(b)
+    assert [next(it_b).tolist() for _ in range(4)] == rest
+    epoch0 = [i for b in seen[:3] for i in b]
+    assert len(set(epoch0)) == 9  # a permutation, no repeats within an epoch
+    assert epoch0 != [i for b in [seen[3], *rest[:2]] for i in b]  # reshuffled per epoch
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    def nan_on_odd(model, batch, *, step, backward):
+        loss = clip_step(model, batch, step=step, backward=backward)
+        return loss * float("nan") if step % 2 else loss
+
+    tr = make_trainer(tmp_path / "s", steps=6, step_fn=nan_on_odd)
+    before = {}
+
+    def snapshot(model, batch, *, step, backward):
+        before[step] = [p.detach().clone() for p in model.parameters()]
+        return nan_on_odd(model, batch, step=step, backward=backward)
+
+    tr.step_fn = snapshot
+    res = tr.fit()
+    assert res.nonfinite_steps == 3
+    recs = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
+    assert recs[-1]["nonfinite_steps"] == 3
+    # step index 1 was skipped: the parameters entering step 2 equal those entering step 1
+    for x, y in zip(before[1], before[2], strict=True):
+        assert torch.equal(x, y)
+    assert any(not torch.equal(x, y) for x, y in zip(before[0], before[1], strict=True))
+
+    def always_nan(model, batch, *, step, backward):
+        return torch.tensor(float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
+        make_trainer(tmp_path / "t", steps=6, step_fn=always_nan, max_nonfinite=3).fit()
+
+
+def test_checkpoints_keep_last_and_are_atomic(tmp_path):
+    tr = make_trainer(tmp_path / "k", steps=7, checkpoint_every=2, keep_last=2)
+    tr.fit()
+    run = RunDir(tmp_path / "k")
+    assert [s for s, _ in run.list_checkpoints()] == [6, 7]
+    ck = torch.load(run.latest_checkpoint(), weights_only=False)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "data", "step", "config"} <= set(ck)
+    assert (
+        ck["step"] == 7 and ck["config"] == {"test": True} and set(ck["rng"]) >= {"python", "numpy", "torch"}
+    )
+    assert (tmp_path / "k" / "experiment.yaml").exists()
+    for name in ("loss.png", "temperature.png", "lr.png"):
+        assert (tmp_path / "k" / "plots" / name).stat().st_size > 0
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    good = run.latest_checkpoint().read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"x": Unpicklable()}, run.latest_checkpoint())
+    assert run.latest_checkpoint().read_bytes() == good  # the old file is intact
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-00000006.pt", "step-00000007.pt"]
+
+
+def test_evaluators_and_metrics_log(tmp_path):
+    calls = []
+
+    def ev(model):
+        calls.append(model.training)
+        return {"acc": 0.5}
+
+    tr = make_trainer(tmp_path / "e", steps=4, evaluators={"val": ev}, eval_every=2)
+    res = tr.fit()
+    assert calls == [False, False] or len(calls) == 2
+    assert res.eval == {"val/acc": 0.5}
+    recs = read_metrics(tmp_path / "e" / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [2, 4]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "logit_scale", "samples_per_s", "nonfinite_steps"} <= set(r) for r in train)
+    # the lr logged is the rate the step used: linear warm-up (step + 1) / 3 of 1e-3
+    assert train[0]["lr"] == pytest.approx(1e-3 / 3)
+    assert (tmp_path / "e" / "plots" / "eval.png").exists()
+
+
+def test_experiment_config_overrides_and_errors(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  preset: tiny-vit\ntrain:\n  steps: 20\n  batch_size: 16\n")
+    exp = load_experiment(
+        cfg, ["optim.lr=1e-3", "train.precision=bf16", "optim.grad_clip=null", "run.seed=3"]
+    )
+    assert exp.train.steps == 20 and exp.optim.lr == 1e-3 and exp.optim.grad_clip is None
+    assert exp.train.precision == "bf16" and exp.run.seed == 3 and isinstance(exp.optim.lr, float)
+    assert Experiment.from_dict(json.loads(json.dumps(exp.to_dict()))) == exp  # round trip
+    with pytest.raises(ValueError, match=r"unknown config key\(s\): optim.learning_rate"):
+        load_experiment(cfg, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_experiment(cfg, ["trian.steps=1"])
+    with pytest.raises(ValueError, match=r"train\.steps must be an integer"):
+        load_experiment(cfg, ["train.steps=abc"])
+    with pytest.raises(ValueError, match=r"train\.precision must be one of"):
+        load_experiment(cfg, ["train.precision=fp8"])
+    with pytest.raises(ValueError, match=r"multiple of train\.accum_steps"):
+        load_experiment(cfg, ["train.accum_steps=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_experiment(cfg, ["train.steps"])
+    with pytest.raises(FileNotFoundError, match="experiment config not found"):
+        load_experiment(tmp_path / "missing.yaml")
