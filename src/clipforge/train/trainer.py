@@ -18,6 +18,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -360,7 +361,9 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
-            self.scheduler.step()
+            with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
         return value, finite
 
     def evaluate(self) -> dict[str, float]:
