@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from .config import get_config
+from .data.memory import TensorPairs
 from .eval import RetrievalEvaluator, ZeroShotEvaluator
 from .models import create_model
 from .tokenizer import train_bpe
-from .train.build import TensorPairs, normalise_uint8
+from .train.build import normalise_uint8
 from .train.optim import build_optimizer, cosine_schedule
 from .train.runs import RunDir, seed_everything
 from .train.step import make_step_fn

@@ -10,34 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from ..config import get_config
+from ..data.memory import TensorPairs
 from ..models import create_model
 from .experiment import Experiment
 from .optim import build_optimizer, cosine_schedule
 from .runs import RunDir, seed_everything
 from .step import make_step_fn
 from .trainer import BatchStream, Trainer, TrainResult
-
-
-class TensorPairs(Dataset):
-    """In-memory uint8 images (N, 3, S, S) + token ids (N, T) -> {"image": normalised float, "text": ids}."""
-
-    def __init__(self, images: torch.Tensor, tokens: torch.Tensor, mean=None, std=None) -> None:
-        from ..transforms import OPENAI_MEAN, OPENAI_STD
-
-        if len(images) != len(tokens):
-            raise ValueError(f"{len(images)} images but {len(tokens)} token rows")
-        self.images, self.tokens = images, tokens
-        self.mean = torch.tensor(mean or OPENAI_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(std or OPENAI_STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": (self.images[i].float() / 255 - self.mean) / self.std, "text": self.tokens[i]}
 
 
 def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
