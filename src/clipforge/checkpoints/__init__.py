@@ -9,7 +9,7 @@ from .convert_openai import (
 )
 from .io import Checkpoint, build_model, load, read_checkpoint
 from .keys import StateDictMismatchError
-from .save import save_hf, save_openai, save_pretrained
+from .save import convert_checkpoint, save_hf, save_openai, save_pretrained
 from .torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "build_model",
     "config_from_hf",
     "config_to_hf",
+    "convert_checkpoint",
     "convert_clipforge_to_hf",
     "convert_clipforge_to_openai",
     "convert_hf_to_clipforge",

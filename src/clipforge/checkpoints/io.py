@@ -170,10 +170,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", config: CLIPConfi
     """
     ckpt = read_checkpoint(path, config)
     model = build_model(ckpt, device)
-    return model, _preprocess(ckpt), _tokenizer(ckpt)
+    return model, preprocess_for(ckpt), tokenizer_for(ckpt)
 
 
-def _preprocess(ckpt: Checkpoint):
+def preprocess_for(ckpt: Checkpoint):
     from ..transforms import PreprocessConfig, eval_transform
 
     spec = dict(ckpt.spec.get("preprocess") or {})
@@ -181,7 +181,7 @@ def _preprocess(ckpt: Checkpoint):
     return eval_transform(PreprocessConfig.from_dict(spec))
 
 
-def _tokenizer(ckpt: Checkpoint):
+def tokenizer_for(ckpt: Checkpoint):
     from ..tokenizer import Tokenizer
 
     text = ckpt.config.text

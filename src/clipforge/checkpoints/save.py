@@ -130,3 +130,23 @@ def save_hf(model: CLIP, directory: str | Path, tokenizer: Any = None) -> Path:
             json.dumps(config_to_hf(model.config), indent=2) + "\n", encoding="utf-8"
         )
     return Path(directory)
+
+
+FORMATS = ("clipforge", "openai", "hf")
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, format: str, config: Any = None) -> Path:
+    """Read any supported checkpoint and write it as `format` (clipforge | openai | hf). Lossless:
+    tensors are renamed, split or transposed, never rounded (fp16 sources are upcast exactly)."""
+    from .io import build_model, preprocess_for, read_checkpoint, tokenizer_for
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    ckpt = read_checkpoint(src, config)
+    model = build_model(ckpt)
+    if format == "openai":
+        return save_openai(model, dst)
+    tokenizer = tokenizer_for(ckpt)
+    if format == "hf":
+        return save_hf(model, dst, tokenizer=tokenizer)
+    return save_pretrained(model, dst, tokenizer=tokenizer, preprocess=preprocess_for(ckpt))
