@@ -1,0 +1,123 @@
+"""`clipforge pretrain-image` and `clipforge cache-embeddings`: the two LiT preparation steps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain-image", help="supervised (cross-entropy) pretraining of an image tower")
+    p.add_argument(
+        "--data", default="synthetic", help="'synthetic' (labelled shapes) or a folder root/<class>/<image>"
+    )
+    p.add_argument("--out", required=True, help="output directory of the classifier checkpoint")
+    p.add_argument(
+        "--preset", default="tiny-vit", help="model preset whose image tower is trained (default tiny-vit)"
+    )
+    p.add_argument("--embed-dim", type=int, default=None, help="tower output size (default: the preset's)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the preset's)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument(
+        "--label", default="shape", choices=("shape", "colour"), help="synthetic: what to classify"
+    )
+    p.add_argument("--per-class", type=int, default=200, help="synthetic: images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_pretrain)
+
+    c = sub.add_parser(
+        "cache-embeddings", help="run a locked image tower once over a dataset; write an embedding cache"
+    )
+    c.add_argument(
+        "--tower", required=True, help="classifier directory or any checkpoint clipforge.load reads"
+    )
+    c.add_argument(
+        "--data", default="synthetic", help="'synthetic' or a pair manifest / folder with sidecar captions"
+    )
+    c.add_argument(
+        "--out", required=True, help="cache directory (rerun to resume; refuses another tower's cache)"
+    )
+    c.add_argument("--views", type=int, default=1, help="augmented views per image (default 1)")
+    c.add_argument("--augment", default="none", choices=("none", "square_crop", "random_resized_crop"),
+                   help="augmentation of the views (default none: eval preprocessing)")  # fmt: skip
+    c.add_argument("--synthetic-n", type=int, default=20000, help="synthetic: number of training pairs")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--shard-size", type=int, default=8192)
+    c.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=run_cache)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from ..config import get_config
+    from ..lit.pretrain import accuracy, pretrain_image, synthetic_labelled
+    from ..models.classifier import ImageClassifier, save_classifier
+    from ..transforms import PreprocessConfig
+
+    cfg = get_config(args.preset)
+    vision = (
+        cfg.vision
+        if args.image_size is None
+        else cfg.vision.__class__(**{**cfg.vision.__dict__, "image_size": args.image_size})
+    )
+    pre = PreprocessConfig(vision.image_size)
+    if args.data == "synthetic":
+        train, classnames = synthetic_labelled(
+            args.per_class, vision.image_size, args.seed, args.label, "train"
+        )
+        val, _ = synthetic_labelled(
+            max(1, args.per_class // 5), vision.image_size, args.seed + 1, args.label, "train"
+        )
+    else:
+        from ..eval.datasets import ImageFolderDataset
+        from ..transforms import train_transform
+
+        train = ImageFolderDataset(args.data, train_transform(pre))
+        classnames, val = train.classnames, None
+    model = ImageClassifier(vision, args.embed_dim or cfg.embed_dim, len(classnames))
+    result = pretrain_image(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            weight_decay=args.weight_decay, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    if val is not None:
+        result.val_accuracy = accuracy(model, val)
+    save_classifier(model, args.out, classnames, pre)
+    print(json.dumps({"out": args.out, "steps": result.steps, "final_loss": result.losses[-1],
+                      "train_accuracy": result.train_accuracy, "val_accuracy": result.val_accuracy,
+                      "classes": len(classnames), "seconds": round(result.seconds, 1)}))  # fmt: skip
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from ..data.embedding_cache import cache_embeddings
+    from ..lit.build import load_image_tower
+    from ..transforms import PreprocessConfig, eval_transform, train_transform
+
+    src = load_image_tower(args.tower)
+    pre = PreprocessConfig.from_dict(src.preprocess)
+    spec = {**pre.to_dict(), "augment": args.augment}
+    if args.data == "synthetic":
+        from ..data.memory import TensorPairs
+        from ..data.synthetic import ShapesConfig, make_tensors
+
+        images, captions = make_tensors(
+            ShapesConfig(image_size=pre.image_size, seed=args.seed), args.synthetic_n, "train"
+        )
+        spec["data"] = f"synthetic:{args.seed}:{args.synthetic_n}"
+        crop = None if args.augment == "none" else pre.image_size
+        dataset = TensorPairs(images, captions, crop=crop, mean=pre.mean, std=pre.std)
+    else:
+        from ..data.pairs import open_pairs
+
+        tf = eval_transform(pre) if args.augment == "none" else train_transform(pre, args.augment)
+        dataset = open_pairs(args.data, transform=tf)
+        spec["data"] = str(args.data)
+    cache = cache_embeddings(src.tower, dataset, args.out, preprocess=spec, views=args.views,
+                             batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
+                             dtype=args.dtype, device=args.device, progress=not args.quiet)  # fmt: skip
+    print(json.dumps({"out": args.out, "samples": len(cache), "views": cache.views, "dim": cache.dim}))
+    return 0

@@ -1,0 +1,64 @@
+"""The LiT training step: a contrastive step that takes cached image embeddings instead of pixels.
+
+With a locked image tower and an embedding cache, batches are {"image_embedding": (B, D), "text":
+(B, T)}: the image tower is never run. Batches with "image" run the ordinary step (the locked tower
+runs live, in eval mode under no_grad). Both go through `train.step.contrastive_step`, so exact
+gradient accumulation, text trimming and the fp32 loss are the same as for CLIP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..loss import LossFn, get_loss
+from ..models.clip import CLIPOutput
+from ..train.step import contrastive_step
+
+
+class _CachedImages(nn.Module):
+    """Adapter for one step: model(embeddings, tokens) -> CLIPOutput without the image tower."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, image_embeddings: torch.Tensor, tokens: torch.Tensor, mask_ratio: float = 0.0
+    ) -> CLIPOutput:
+        m = self.model
+        return CLIPOutput(
+            image_features=F.normalize(image_embeddings.float(), dim=-1),
+            text_features=F.normalize(m.encode_text(tokens), dim=-1),
+            logit_scale=m.logit_scale.exp().clamp(max=m.config.max_logit_scale),
+            logit_bias=m.logit_bias,
+        )
+
+
+def make_lit_step_fn(
+    loss: LossFn | str = "clip", *, lam: float = 0.5, accum_steps: int = 1, mask_ratio: float = 0.0
+) -> Callable[..., torch.Tensor]:
+    """The trainer's `step_fn(model, batch, step=..., backward=...) -> loss` for LiT batches."""
+    loss_fn = get_loss(loss, lam=lam) if isinstance(loss, str) else loss
+
+    def step_fn(
+        model: nn.Module,
+        batch: Mapping[str, Any] | Sequence[torch.Tensor],
+        step: int = 0,
+        backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        if isinstance(batch, Mapping) and "image_embedding" in batch:
+            target, images = _CachedImages(model), batch["image_embedding"]
+        else:
+            target, images = model, (batch["image"] if isinstance(batch, Mapping) else batch[0])
+        texts = batch["text"] if isinstance(batch, Mapping) else batch[1]
+        result = contrastive_step(
+            target, images, texts, loss_fn, accum_steps=accum_steps, mask_ratio=mask_ratio, backward=backward
+        )
+        return torch.tensor(result.loss)
+
+    return step_fn
