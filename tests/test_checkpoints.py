@@ -240,3 +240,25 @@ def test_torchscript_reader_refuses_foreign_code(tmp_path):
         z.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="getcwd"):
         read_torchscript_state_dict(path)
+
+
+class _WithMask(torch.nn.Module):
+    """A scripted module holding a plain tensor attribute (as OpenAI's attention blocks hold `attn_mask`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.attn_mask = torch.full((3, 3), float("-inf")).triu(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x)) + self.attn_mask.sum()
+
+
+def test_torchscript_reader_keeps_only_parameters_and_buffers(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(_WithMask()), str(path))
+    ours = read_torchscript_state_dict(path)
+    theirs = torch.jit.load(str(path), map_location="cpu").state_dict()
+    assert "attn_mask" not in theirs
+    assert_same_tensors(ours, dict(theirs))

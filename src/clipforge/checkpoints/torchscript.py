@@ -3,12 +3,15 @@
 A TorchScript archive is a zip: `<name>/data.pkl` pickles the module tree (objects of classes
 `__torch__.*`, each a dict of attributes: submodules, parameters, buffers, flags) and each tensor's
 bytes live in `<name>/data/<key>`. A restricted unpickler rebuilds only plain containers and tensors;
-any other global is refused, so nothing from the archive is executed.
+any other global is refused, so nothing from the archive is executed. The archive's code listing
+declares each class's `__parameters__` and `__buffers__`; only those tensors are kept, so the result
+has the keys of `torch.jit.load(path).state_dict()`.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 import zipfile
 from collections import OrderedDict
@@ -107,16 +110,38 @@ def read_torchscript_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         prefix = data_pkl[0].rsplit("/", 1)[0]
         with zf.open(data_pkl[0]) as f:
             root = _Unpickler(f, zf, prefix).load()
+        state_names = _declared_state(zf, prefix)
     if not isinstance(root, _ScriptObject):
         raise pickle.UnpicklingError(f"{path}: data.pkl does not hold a TorchScript module")
     out: dict[str, torch.Tensor] = {}
-    _collect(root, "", out)
+    _collect(root, "", out, state_names)
     return out
 
 
-def _collect(obj: _ScriptObject, prefix: str, out: dict[str, torch.Tensor]) -> None:
+_CLASS_RE = re.compile(
+    r"^class (\w+)\(Module\):\n  __parameters__ = \[(.*?)\]\n  __buffers__ = \[(.*?)\]", re.MULTILINE
+)
+
+
+def _declared_state(zf: zipfile.ZipFile, prefix: str) -> dict[str, set[str]]:
+    """{qualified class name: names of its parameters and buffers} from the archive's code listing."""
+    out = {}
+    for name in zf.namelist():
+        if not (name.startswith(f"{prefix}/code/") and name.endswith(".py")):
+            continue
+        module = name[len(prefix) + len("/code/") : -len(".py")].replace("/", ".")
+        for cls, params, buffers in _CLASS_RE.findall(zf.read(name).decode("utf-8", "replace")):
+            out[f"{module}.{cls}"] = set(re.findall(r'"([^"]+)"', params + buffers))
+    return out
+
+
+def _collect(
+    obj: _ScriptObject, prefix: str, out: dict[str, torch.Tensor], state: dict[str, set[str]]
+) -> None:
+    declared = state.get(obj.qualified_name)  # None: class not in the listing, keep every tensor
     for name, value in getattr(obj, "attrs", {}).items():
         if isinstance(value, torch.Tensor):
-            out[prefix + name] = value.clone()  # own the memory: the storages are views of the zip bytes
+            if declared is None or name in declared:
+                out[prefix + name] = value.clone()  # own the memory: storages are views of the zip bytes
         elif isinstance(value, _ScriptObject):
-            _collect(value, f"{prefix}{name}.", out)
+            _collect(value, f"{prefix}{name}.", out, state)
