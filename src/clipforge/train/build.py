@@ -1,15 +1,21 @@
 """From an `Experiment` to a running `Trainer`: model, tokenizer, data, step, evaluators, export.
 
+    result = run_experiment(load_experiment("run.yaml", ["train.steps=100"]), resume=True)
+    model, preprocess, tokenizer = clipforge.load("runs/x/model")
+
 This is the only place that knows both the experiment config and CLIP; the trainer itself does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import get_config
 from ..data.memory import TensorPairs
@@ -35,45 +41,65 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_tokenizer(exp: Experiment, captions: list[str] | None):
+def build_tokenizer(
+    exp: Experiment,
+    captions: list[str] | Callable[[], list[str]] | None,
+    checkpoint_tokenizer: Any = None,
+    context_length: int | None = None,
+    resume: bool = False,
+):
+    """The experiment's tokenizer (see ModelSpec.tokenizer). A trained BPE is saved in
+    <output_dir>/tokenizer and, with `resume`, loaded from there instead of trained again."""
     from ..tokenizer import Tokenizer, train_bpe
 
     spec = exp.model
-    ctx = spec.context_length or get_config(spec.preset).text.context_length
-    if spec.tokenizer == "openai":
-        return (
-            Tokenizer.from_openai_vocab(context_length=ctx)
-            if _accepts_ctx()
-            else Tokenizer.from_openai_vocab()
-        )
-    if spec.tokenizer == "bpe":
-        if not captions:
-            raise ValueError("model.tokenizer=bpe needs the training captions (data.kind=synthetic for now)")
+    ctx = spec.context_length or context_length or get_config(spec.preset).text.context_length
+    kind = spec.tokenizer
+    if kind == "auto":
+        kind = "checkpoint" if spec.checkpoint else "openai"
+    if kind == "checkpoint":
+        if checkpoint_tokenizer is None:
+            raise ValueError(
+                f"model.checkpoint {spec.checkpoint} carries no tokenizer; set model.tokenizer to 'openai' "
+                "or a tokenizer directory"
+            )
+        return checkpoint_tokenizer
+    if kind == "openai":
+        return Tokenizer.from_openai_vocab(context_length=ctx)
+    if kind == "bpe":
+        saved = Path(exp.run.output_dir) / "tokenizer"
+        if resume and (saved / "vocab.json").is_file():
+            return Tokenizer.load(saved)
+        texts = captions() if callable(captions) else captions
+        if not texts:
+            raise ValueError("model.tokenizer=bpe: no training captions to learn the vocabulary from")
         size = spec.vocab_size or get_config(spec.preset).text.vocab_size
-        return train_bpe(captions, vocab_size=size, context_length=ctx)
-    path = Path(spec.tokenizer)
+        tok = train_bpe(tqdm(texts, desc="training BPE", leave=False, disable=len(texts) < 50_000), size, ctx)
+        tok.save(saved)
+        return tok
+    path = Path(kind)
     if not path.exists():
         raise FileNotFoundError(
-            f"model.tokenizer: no such tokenizer directory: {path} (or use 'openai' / 'bpe')"
+            f"model.tokenizer: no such tokenizer directory: {path} (or use 'auto', 'openai', 'bpe')"
         )
-    return Tokenizer.load(path)
+    tok = Tokenizer.load(path)
+    return tok
 
 
-def _accepts_ctx() -> bool:
-    import inspect
-
-    from ..tokenizer import Tokenizer
-
-    return "context_length" in inspect.signature(Tokenizer.from_openai_vocab).parameters
-
-
-def build_model(exp: Experiment, tokenizer) -> torch.nn.Module:
+def build_model(
+    exp: Experiment, tokenizer, checkpoint_model: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """A fresh model of the preset sized to the tokenizer, or the checkpoint's model (fine-tuning)."""
     spec = exp.model
-    if spec.checkpoint:
-        from ..checkpoints import load
-
-        model, _, _ = load(spec.checkpoint)
-        return model
+    if checkpoint_model is not None:
+        text = checkpoint_model.config.text
+        if tokenizer.vocab_size > text.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but {spec.checkpoint} embeds "
+                f"{text.vocab_size}; "
+                "use model.tokenizer=checkpoint (or a tokenizer of that vocabulary)"
+            )
+        return checkpoint_model.train()
     cfg = get_config(spec.preset)
     text = dataclasses.replace(
         cfg.text,
@@ -109,31 +135,66 @@ def synthetic_evaluators(sets: dict[str, Any], tokenizer) -> dict[str, Any]:
     return {k: (lambda m, ev=ev: ev.run(m, tokenizer)) for k, ev in evs.items()}
 
 
-def build_trainer(exp: Experiment, progress: bool = True) -> tuple[Trainer, Any]:
-    """(trainer, tokenizer) for an experiment; `trainer.fit(resume=...)` runs it."""
+@dataclass
+class Built:
+    trainer: Trainer
+    tokenizer: Any
+    preprocess: Any  # PreprocessConfig of the model's inputs (exported with it)
+    data: Any  # the batch stream (SkipReport for file sources)
+
+
+def _train_transform(exp: Experiment, cfg):
+    from ..transforms import eval_transform, train_transform
+
+    if exp.data.augment == "none":
+        return eval_transform(cfg)
+    return train_transform(cfg, mode=exp.data.augment)
+
+
+def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) -> Built:
+    """Everything `trainer.fit(resume=...)` needs, from the experiment config."""
+    from ..transforms import PreprocessConfig, eval_transform
+    from .data_sources import SkipReport, TrainSource, file_evaluators
+
     seed_everything(exp.run.seed)
     device = resolve_device(exp.train.device)
-    image_size = get_config(exp.model.preset).vision.image_size
-    if exp.data.kind != "synthetic":
-        raise ValueError(
-            f"data.kind={exp.data.kind!r} is not wired into `clipforge train` yet; use data.kind=synthetic"
-        )
-    images, captions, sets = synthetic_data(exp, image_size)
-    tokenizer = build_tokenizer(exp, captions)
-    model = build_model(exp, tokenizer).to(device)
-    if exp.train.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    ctx = model.config.text.context_length
-    dataset = TensorPairs(images, tokenizer(captions, context_length=ctx, truncate=True))
+    ckpt_model = ckpt_preprocess = ckpt_tok = None
+    if exp.model.checkpoint:
+        from ..checkpoints import load
+
+        ckpt_model, ckpt_preprocess, ckpt_tok = load(exp.model.checkpoint)
+    cfg = ckpt_model.config if ckpt_model is not None else get_config(exp.model.preset)
+    preprocess = getattr(ckpt_preprocess, "config", None) or PreprocessConfig(cfg.vision.image_size)
+    ctx = cfg.text.context_length
+    run_dir = RunDir(exp.run.output_dir)
     t = exp.train
-    data = BatchStream(
-        dataset,
-        t.batch_size,
-        seed=exp.run.seed,
-        shuffle=exp.data.shuffle,
-        workers=exp.data.workers,
-        pin_memory=device.type == "cuda",
-    )
+    if exp.data.kind == "synthetic":
+        images, captions, sets = synthetic_data(exp, preprocess.image_size)
+        tokenizer = build_tokenizer(exp, captions, ckpt_tok, ctx, resume)
+        model = build_model(exp, tokenizer, ckpt_model)
+        ctx = model.config.text.context_length
+        dataset = TensorPairs(images, tokenizer(captions, context_length=ctx, truncate=True))
+        data: Any = BatchStream(
+            dataset,
+            t.batch_size,
+            seed=exp.run.seed,
+            shuffle=exp.data.shuffle,
+            workers=exp.data.workers,
+            pin_memory=device.type == "cuda",
+        )
+        evaluators = synthetic_evaluators(sets, tokenizer)
+    else:
+        source = TrainSource(exp)
+        tokenizer = build_tokenizer(exp, source.captions, ckpt_tok, ctx, resume)
+        model = build_model(exp, tokenizer, ckpt_model)
+        ctx = model.config.text.context_length
+        source.attach(_train_transform(exp, preprocess), tokenizer, ctx)
+        stream = source.stream(t.batch_size, exp.run.seed, pin_memory=device.type == "cuda")
+        data = SkipReport(stream, source.skips, run_dir.metrics, echo=tqdm.write if progress else print)
+        evaluators = file_evaluators(exp, eval_transform(preprocess), tokenizer)
+    model = model.to(device)
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     o = exp.optim
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     if o.schedule == "cosine":
@@ -165,11 +226,11 @@ def build_trainer(exp: Experiment, progress: bool = True) -> tuple[Trainer, Any]
         data,
         steps=t.steps,
         batch_size=t.batch_size,
-        run_dir=RunDir(r.output_dir),
+        run_dir=run_dir,
         config=exp.to_dict(),
         precision=t.precision,
         grad_clip=o.grad_clip,
-        evaluators=synthetic_evaluators(sets, tokenizer),
+        evaluators=evaluators,
         eval_every=r.eval_every,
         checkpoint_every=r.checkpoint_every,
         keep_last=r.keep_last,
@@ -180,26 +241,24 @@ def build_trainer(exp: Experiment, progress: bool = True) -> tuple[Trainer, Any]
         progress=progress,
         tensorboard=r.tensorboard,
     )
-    return trainer, tokenizer
+    return Built(trainer, tokenizer, preprocess, data)
 
 
-def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path | None:
-    """save_pretrained into out_dir/model (clipforge.load-able); None without the checkpoints module."""
-    try:
-        from ..checkpoints import save_pretrained
-    except ImportError:
-        return None
+def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preprocess=None) -> Path:
+    """save_pretrained into out_dir/model: `clipforge.load(out_dir / "model")` gives the model back."""
+    from ..checkpoints import save_pretrained
     from ..transforms import PreprocessConfig
 
     path = Path(out_dir) / "model"
-    save_pretrained(
-        model, path, tokenizer=tokenizer, preprocess=PreprocessConfig(model.config.vision.image_size)
-    )
+    preprocess = preprocess or PreprocessConfig(model.config.vision.image_size)
+    save_pretrained(model, path, tokenizer=tokenizer, preprocess=preprocess)
     return path
 
 
 def run_experiment(exp: Experiment, resume: bool = False, progress: bool = True) -> TrainResult:
-    trainer, tokenizer = build_trainer(exp, progress=progress)
-    result = trainer.fit(resume=resume)
-    export_model(trainer.model, tokenizer, exp.run.output_dir)
+    built = build_trainer(exp, progress=progress, resume=resume)
+    result = built.trainer.fit(resume=resume)
+    if hasattr(built.data, "finish"):
+        built.data.finish()  # the skip counts of the epoch the run ended in
+    export_model(built.trainer.model, built.tokenizer, exp.run.output_dir, built.preprocess)
     return result

@@ -25,12 +25,13 @@ class ModelSpec:
     """The model to train: a preset name, or a checkpoint to start from (any `clipforge.load` format)."""
 
     preset: str = "tiny-vit"
-    checkpoint: str | None = None
-    # "openai" (the 49408-token OpenAI vocabulary), "bpe" (train a BPE on the training captions, of
-    # `vocab_size` ids) or a directory holding a saved clipforge tokenizer.
-    tokenizer: str = "openai"
+    checkpoint: str | None = None  # fine-tune this model (its architecture replaces `preset`)
+    # "auto" (the checkpoint's tokenizer with `checkpoint`, else "openai"), "checkpoint", "openai" (the
+    # 49408-token OpenAI vocabulary), "bpe" (train a BPE of `vocab_size` ids on the training captions,
+    # saved as <output_dir>/tokenizer and reused on --resume) or a directory holding a saved tokenizer.
+    tokenizer: str = "auto"
     vocab_size: int | None = None  # with tokenizer "bpe": its size (default: the preset's)
-    context_length: int | None = None  # default: the preset's
+    context_length: int | None = None  # default: the preset's (the checkpoint's)
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,23 @@ class DataSpec:
 
     kind: Literal["synthetic", "manifest", "folder", "webdataset"] = "synthetic"
     train: str | None = None  # manifest file, image folder, or shard pattern ("shards/{000..009}.tar")
-    val: str | None = None  # held-out pairs for retrieval recall (same kind as train)
-    image_key: str = "image"  # manifest column names
+    val: str | None = None  # held-out pairs -> retrieval recall@1/5/10 (a manifest, a folder or shards)
+    # labelled images -> zero-shot top-1 with class-name prompts: a folder of class folders, or a
+    # manifest with `image_key` and `label_key` columns
+    val_labelled: str | None = None
+    classnames: str | None = None  # JSON list / {folder: name} map; default: folder names / labels
+    templates: str = "simple"  # prompt templates: "simple", "default" or a JSON file of templates
+    image_key: str = "image"  # manifest column names (json key in shards for `caption_key`)
     caption_key: str = "caption"
+    label_key: str = "label"
+    caption_sep: str | None = "||"  # several captions in one manifest field: "a dog||a puppy"
+    root: str | None = None  # base of relative manifest image paths (default: the manifest's folder)
     synthetic_train: int = 20000  # synthetic set sizes (images)
     synthetic_val: int = 512
     augment: Literal["none", "square_crop", "random_resized_crop"] = "random_resized_crop"
-    shuffle: bool = True
-    workers: int = 0
+    shuffle: bool = True  # seeded: the same run.seed gives the same order
+    shuffle_buffer: int = 1000  # webdataset: samples in the seeded shuffle buffer
+    workers: int = 0  # DataLoader worker processes
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,10 @@ class Experiment:
             raise ValueError(f"run.keep_last must be >= 1, got {self.run.keep_last}")
         if self.data.kind != "synthetic" and not self.data.train:
             raise ValueError(f"data.kind={self.data.kind!r} needs data.train (a path)")
+        if self.data.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.data.workers}")
+        if self.model.tokenizer == "checkpoint" and not self.model.checkpoint:
+            raise ValueError("model.tokenizer=checkpoint needs model.checkpoint")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -110,6 +110,7 @@ class BatchStream:
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
         self.workers, self.collate_fn, self.pin_memory = workers, collate_fn, pin_memory
         self.epoch, self.index = 0, 0
+        self.on_epoch_end: Callable[[int], None] | None = None  # called after an epoch's last batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -128,6 +129,8 @@ class BatchStream:
         items = _SeededItems(self.dataset, self.seed)
         while True:
             epoch, order = self.epoch, self._order(self.epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
             full = len(order) - len(order) % self.batch_size
             batches = [
                 [(epoch, i) for i in order[s : s + self.batch_size]]
@@ -146,6 +149,8 @@ class BatchStream:
             for batch in loader:
                 self.index += self.batch_size
                 yield batch
+            if self.on_epoch_end is not None:  # every sample of the epoch has been loaded by now
+                self.on_epoch_end(epoch)
             self.epoch, self.index = epoch + 1, 0
 
     def skip_counts(self) -> dict[str, int]:
@@ -166,6 +171,7 @@ class IterableBatchStream:
             collate_fn,
         )
         self.epoch, self.index = 0, 0
+        self.on_epoch_end: Callable[[int], None] | None = None  # called after an epoch's last batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -175,12 +181,16 @@ class IterableBatchStream:
 
     def __iter__(self) -> Iterator[Any]:
         while True:
+            if hasattr(self.dataset, "set_epoch"):  # shard order and shuffle buffer depend on the epoch
+                self.dataset.set_epoch(self.epoch)
             loader = DataLoader(
                 self.dataset,
                 batch_size=self.batch_size,
                 num_workers=self.workers,
                 collate_fn=self.collate_fn,
                 drop_last=True,
+                # a private generator: creating the loader must not consume the global RNG (resume)
+                generator=torch.Generator().manual_seed(self.epoch),
             )
             skip, seen = self.index // self.batch_size, 0
             for k, batch in enumerate(loader):
@@ -191,6 +201,8 @@ class IterableBatchStream:
                 yield batch
             if seen == 0:
                 raise ValueError("the training stream yielded no complete batch")
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self.epoch)
             self.epoch, self.index = self.epoch + 1, 0
 
     def skip_counts(self) -> dict[str, int]:
