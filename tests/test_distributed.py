@@ -1,0 +1,270 @@
+"""2 gloo ranks x batch B == 1 process x batch 2B: gradients and the AdamW step, softmax and sigmoid loss,
+with and without exact accumulation; per-rank logits bounded by (local x global); local mode; checkpoints.
+
+One torch.multiprocessing.spawn runs every 2-rank scenario (process start-up dominates the cost); the
+single-process references run here, with clipforge.loss directly (no distributed code at all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from clipforge.config import get_config
+from clipforge.loss import clip_loss, get_loss, siglip_loss
+from clipforge.models import create_model
+from clipforge.train.step import contrastive_step
+
+VOCAB = 1000
+SOT, EOT = VOCAB - 2, VOCAB - 1
+B = 4  # per rank
+WORLD = 2
+LR = 1e-3
+SCENARIOS = [("clip", 1), ("clip", 2), ("siglip", 1), ("siglip", 2)]
+
+
+def _adamw(model):
+    # eps 1e-6 (OpenCLIP's ViT setting): with 1e-8, Adam's first step turns float noise on gradients that
+    # are exactly zero in theory (the attention key biases) into full +-lr updates.
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model(siglip: bool = False):
+    cfg = get_config("tiny-vit")
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=VOCAB))
+    if siglip:
+        cfg = dataclasses.replace(cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    torch.manual_seed(0)
+    return create_model(cfg)
+
+
+def _batch(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    texts = torch.zeros(n, 77, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(1, 12, (), generator=g))
+        texts[i, 0] = SOT
+        texts[i, 1 : 1 + length] = torch.randint(1, SOT, (length,), generator=g)
+        texts[i, 1 + length] = EOT
+    return images, texts
+
+
+def _features(n: int, d: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    return img, txt
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Largest tensor any op produces (the logits bound)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max = max(self.max, t.numel())
+        return out
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from clipforge.train import distributed as D
+
+    info = D.init_distributed(device="cpu")
+    assert info.backend == "gloo" and info.world_size == world and info.rank == rank
+    results: dict = {"is_main": D.is_main()}
+    images, texts = _batch(B * world)
+    mine = slice(rank * B, (rank + 1) * B)
+    for name, accum in SCENARIOS:
+        model = D.wrap_ddp(_model(siglip=name == "siglip"))
+        opt = _adamw(model)
+        res = contrastive_step(model, images[mine], texts[mine], D.DistributedLoss(name), accum_steps=accum)
+        grads = {k: p.grad.clone() for k, p in D.unwrap(model).named_parameters() if p.grad is not None}
+        opt.step()
+        results[(name, accum)] = {
+            "loss": res.loss,
+            "grads": grads,
+            "params": {k: v.detach().clone() for k, v in D.unwrap(model).state_dict().items()},
+        }
+    # features only: local mode, uneven batches, the logits bound
+    sizes = [8 + (r == 0) for r in range(world)]  # rank 0 holds one more row
+    img, txt = _features(sum(sizes))  # D = 4 < batch: the logits are the largest tensors
+    lo = sum(sizes[:rank])
+    for name in ("clip", "siglip"):
+        for mode in ("global", "local"):
+            i = img[lo : lo + sizes[rank]].clone().requires_grad_()
+            t = txt[lo : lo + sizes[rank]].clone().requires_grad_()
+            scale = torch.tensor(7.0, requires_grad=True)
+            bias = torch.tensor(-3.0, requires_grad=True)
+            counter = _MaxNumel()
+            with counter:
+                loss = D.DistributedLoss(name, mode)(i, t, scale, bias)
+                loss.backward()
+            results[(name, mode, "features")] = {
+                "loss": float(loss.detach()),
+                "grad_img": i.grad,
+                "grad_txt": t.grad,
+                "grad_scale": float(scale.grad),
+                "grad_bias": float(bias.grad) if bias.grad is not None else None,
+                "max_numel": counter.max,
+                "d": i.shape[1],
+                "n": sizes[rank],
+                "m": sum(sizes),
+            }
+    # consolidated checkpoint round trip through the DDP wrapper
+    model = D.wrap_ddp(_model())
+    sd = D.model_state_dict(model)
+    results["state_keys"] = sorted(sd)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    D.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _reference_step(name: str):
+    """One process, batch 2B, the plain loss, one backward, one AdamW step."""
+    model = _model(siglip=name == "siglip")
+    opt = _adamw(model)
+    images, texts = _batch(B * WORLD)
+    out = model(images, texts)
+    if name == "clip":
+        loss = clip_loss(out.image_features, out.text_features, out.logit_scale)
+    else:
+        loss = siglip_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    return float(loss.detach()), grads, model.state_dict()
+
+
+@pytest.mark.parametrize("name,accum", SCENARIOS)
+def test_two_ranks_equal_one_process_with_twice_the_batch(ranks, name, accum):
+    ref_loss, ref_grads, ref_params = _reference_step(name)
+    for r in ranks:
+        got = r[(name, accum)]
+        assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)  # every rank reports the global loss
+        assert set(got["grads"]) == set(ref_grads)
+        for k, g in ref_grads.items():
+            scale = g.abs().max().clamp_min(1e-12)
+            assert (got["grads"][k] - g).abs().max() / scale < 1e-4, k
+        for k, p in ref_params.items():
+            # Adam's first step is ~lr * sign(g): where the true gradient is 0 (attention key biases), float
+            # noise decides the sign, so compare the elements whose gradient is above noise (all others
+            # were compared as gradients just above).
+            g = ref_grads.get(k)
+            if g is None:
+                keep = torch.ones_like(p, dtype=torch.bool)
+            else:  # noise: gradient not reproduced to 3 digits; it must be ~0 (checked) and is then skipped
+                noise = (got["grads"][k] - g).abs() > 1e-3 * g.abs()
+                assert (g[noise].abs() < 1e-3 * g.abs().max()).all(), k
+                assert noise.float().mean() <= 0.34, k  # qkv.bias: the key third
+                keep = ~noise
+            torch.testing.assert_close(got["params"][k][keep], p[keep], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _reference_features(name: str, mode: str, sizes: list[int]):
+    img, txt = _features(sum(sizes))
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    scale = torch.tensor(7.0, requires_grad=True)
+    bias = torch.tensor(-3.0, requires_grad=True)
+    fn = get_loss(name)
+    if mode == "global":
+        loss = fn(img, txt, scale, bias)
+    else:  # each rank's batch alone, weighted by its share of the global batch
+        parts = zip(img.split(sizes), txt.split(sizes))
+        loss = sum(fn(i, t, scale, bias) * len(i) for i, t in parts) / sum(sizes)
+    loss.backward()
+    return float(loss), img.grad, txt.grad, float(scale.grad), bias.grad
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_uneven_batches_global_and_local_mode_features(ranks, name, mode):
+    """Ranks with 9 and 8 rows: loss value on every rank, the summed feature gradients (what the
+    all_gather backward delivers to each owner), and the DDP-averaged scale/bias gradients."""
+    sizes = [r[(name, mode, "features")]["n"] for r in ranks]
+    loss, g_img, g_txt, g_scale, g_bias = _reference_features(name, mode, sizes)
+    got = [r[(name, mode, "features")] for r in ranks]
+    for r in got:
+        assert r["loss"] == pytest.approx(loss, rel=1e-5)
+    torch.testing.assert_close(torch.cat([r["grad_img"] for r in got]) / WORLD, g_img, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.cat([r["grad_txt"] for r in got]) / WORLD, g_txt, rtol=1e-5, atol=1e-7)
+    assert sum(r["grad_scale"] for r in got) / WORLD == pytest.approx(g_scale, rel=1e-5)
+    if name == "siglip":
+        assert sum(r["grad_bias"] for r in got) / WORLD == pytest.approx(float(g_bias), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_logits_per_rank_at_most_local_times_global(ranks, name):
+    for r in ranks:
+        got = r[(name, "global", "features")]
+        assert got["m"] * got["d"] < got["n"] * got["m"] < got["m"] ** 2  # the test can tell them apart
+        assert got["max_numel"] == got["n"] * got["m"]  # the (local x global) logits, never global x global
+
+
+def test_rank_helpers_and_unprefixed_state_dict(ranks):
+    assert [r["is_main"] for r in ranks] == [True, False]
+    ref = sorted(_model().state_dict())
+    assert ranks[0]["state_keys"] == ref  # no "module." prefix from DDP
+    assert ranks[1]["state_keys"] == []  # consolidated on rank 0 only (it writes checkpoints)
+
+
+def test_single_process_is_the_plain_loss(monkeypatch):
+    from clipforge.train import distributed as D
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    info = D.init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.backend, info.is_main) == (0, 1, None, True)
+    img, txt = _features(6)
+    scale, bias = torch.tensor(5.0), torch.tensor(-2.0)
+    for name in ("clip", "siglip"):
+        assert float(D.DistributedLoss(name)(img, txt, scale, bias)) == pytest.approx(
+            float(get_loss(name)(img, txt, scale, bias))
+        )
+    model = _model()
+    assert D.wrap_ddp(model) is model and D.unwrap(model) is model
+    with pytest.raises(ValueError, match="mode"):
+        D.DistributedLoss("clip", "sideways")
+
+
+def test_missing_master_addr_is_a_clear_error(monkeypatch):
+    from clipforge.train import distributed as D
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        D.init_distributed(device="cpu")
