@@ -81,6 +81,12 @@ def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
     ]
 
 
+def _no_sync(model: nn.Module, local: bool):
+    """DDP: keep this pass's gradients local (model.no_sync around the forward); the last pass of an
+    accumulated step then all-reduces the accumulated sum once."""
+    return model.no_sync() if local and hasattr(model, "no_sync") else nullcontext()
+
+
 def contrastive_step(
     model: nn.Module,
     images: torch.Tensor,
@@ -123,7 +129,7 @@ def contrastive_step(
 
     # 1. micro-batch 0 with grad, the others without (features only), remembering each one's RNG state.
     rng = [_rng_state(device)]
-    with amp():
+    with amp(), _no_sync(model, accum_steps > 1):
         out = model(img_chunks[0], txt_chunks[0], mask_ratio=mask_ratio)
     img_feats, txt_feats = [out.image_features.float()], [out.text_features.float()]
     cached_img = cached_txt = None
@@ -158,11 +164,17 @@ def contrastive_step(
         txt_grads = cached_txt.grad.split(sizes[1:])
         for k in range(1, accum_steps):
             _set_rng_state(rng[k], device)
-            with amp():
+            with amp(), _no_sync(model, k < accum_steps - 1):
                 o = model(img_chunks[k], txt_chunks[k], mask_ratio=mask_ratio)
-            torch.autograd.backward(
-                [o.image_features.float(), o.text_features.float()], [img_grads[k - 1], txt_grads[k - 1]]
-            )
+            outs = [o.image_features.float(), o.text_features.float()]
+            grads = [img_grads[k - 1], txt_grads[k - 1]]
+            # Zero gradients into the temperature/bias (theirs came with the loss in 2.): every backward then
+            # reaches every parameter, as DDP's reducer requires for the final, synchronising pass.
+            for extra in (o.logit_scale, o.logit_bias):
+                if extra is not None and extra.requires_grad:
+                    outs.append(extra)
+                    grads.append(torch.zeros_like(extra))
+            torch.autograd.backward(outs, grads)
         _set_rng_state(rng_after, device)
         with torch.no_grad():
             for b, saved in zip(_bn_buffers(model), bn_after):
