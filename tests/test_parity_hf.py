@@ -116,6 +116,7 @@ def test_clipforge_to_hf_tiny(tmp_path):
     compare(hf, ours, 32, "tiny clipforge->HF")
 
 
+@pytest.mark.slow
 def test_vit_b32_both_ways(tmp_path):
     """HF ViT-B/32 -> clipforge (features match) -> HF again (every tensor comes back bit-exact, so the
     re-exported HF model's features are those just compared)."""
@@ -125,7 +126,7 @@ def test_vit_b32_both_ways(tmp_path):
     hf.save_pretrained(tmp_path / "a")
     ours, _, _ = load(tmp_path / "a")
     assert ours.config.vision == PRESETS["ViT-B-32"].vision and ours.config.text == PRESETS["ViT-B-32"].text
-    compare(hf, ours, 224, "ViT-B-32 HF->clipforge", n=4)
+    compare(hf, ours, 224, "ViT-B-32 HF->clipforge", n=3)
     save_hf(ours, tmp_path / "b")
     back = hf_from_pretrained(tmp_path / "b")
     original = hf.state_dict()

@@ -85,9 +85,9 @@ def diffs(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return abs_diff, abs_diff / ref.abs().max().item()
 
 
-def check_parity(model: CLIP, ref: torch.nn.Module, image_size: int, label: str, tol: float = 1e-4) -> None:
-    pixels = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-    tokens = random_tokens(5)
+def check_parity(model: CLIP, ref: torch.nn.Module, image_size: int, label: str, n: int = 5) -> None:
+    pixels = torch.randn(min(n, 3), 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    tokens = random_tokens(n)
     with torch.no_grad():
         for what, ours, theirs in (
             ("image", model.encode_image(pixels), ref.encode_image(pixels)),
@@ -96,7 +96,7 @@ def check_parity(model: CLIP, ref: torch.nn.Module, image_size: int, label: str,
             assert ours.shape == theirs.shape
             abs_diff, rel = diffs(ours, theirs)
             print(f"{label} {what}: max abs diff {abs_diff:.2e}, rel {rel:.2e}")
-            assert rel <= tol, f"{label} {what}: relative max diff {rel:.2e} > {tol}"
+            assert rel <= 1e-4, f"{label} {what}: relative max diff {rel:.2e} > 1e-4"
 
 
 def from_reference(ref: torch.nn.Module) -> CLIP:
@@ -114,12 +114,13 @@ def test_state_dict_parity(name):
     check_parity(from_reference(ref), ref, CONFIGS[name][1], name)
 
 
+@pytest.mark.slow
 def test_state_dict_parity_vit_b32():
     t0 = time.perf_counter()
     ref = reference_model("ViT-B-32")
     model = from_reference(ref)
     assert model.config.vision.heads == 12 and model.config.text.heads == 8
-    check_parity(model, ref, 224, "ViT-B-32")
+    check_parity(model, ref, 224, "ViT-B-32", n=3)
     print(f"ViT-B-32 parity took {time.perf_counter() - t0:.1f}s")
 
 
