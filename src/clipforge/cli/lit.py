@@ -82,7 +82,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         classnames, val = train.classnames, None
     model = ImageClassifier(vision, args.embed_dim or cfg.embed_dim, len(classnames))
     result = pretrain_image(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            weight_decay=args.weight_decay, seed=args.seed, progress=not args.quiet)  # fmt: skip
+                            weight_decay=args.weight_decay, seed=args.seed,
+                            progress=not args.quiet)  # fmt: skip
     if val is not None:
         result.val_accuracy = accuracy(model, val)
     save_classifier(model, args.out, classnames, pre)

@@ -212,7 +212,8 @@ class EmbeddingCache:
         path = self.directory / INDEX_FILE
         if not path.is_file():
             raise FileNotFoundError(
-                f"{self.directory}: no embedding cache here (missing {INDEX_FILE}); run `clipforge cache-embeddings`"
+                f"{self.directory}: no embedding cache here (missing {INDEX_FILE}); "
+                "run `clipforge cache-embeddings`"
             )
         self.index = json.loads(path.read_text(encoding="utf-8"))
         if self.index.get("format") != CACHE_FORMAT:
@@ -226,12 +227,14 @@ class EmbeddingCache:
             if msg:
                 raise CacheMismatchError(
                     msg.replace("weights: cache has", "tower weights: cache has")
-                    + "; the cache belongs to another tower or preprocessing: rebuild it with `clipforge cache-embeddings`"
+                    + "; the cache belongs to another tower or preprocessing: "
+                    "rebuild it with `clipforge cache-embeddings`"
                 )
         missing = [f for f in self.index["shards"] if not (self.directory / f).is_file()]
         if missing:
             raise ValueError(
-                f"{self.directory}: incomplete embedding cache ({len(missing)} of {len(self.index['shards'])} shards "
+                f"{self.directory}: incomplete embedding cache "
+                f"({len(missing)} of {len(self.index['shards'])} shards "
                 "missing); rerun `clipforge cache-embeddings` with the same arguments to finish it"
             )
         self.num_samples, self.views, self.dim = (

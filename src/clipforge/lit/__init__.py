@@ -1,4 +1,4 @@
-"""LiT (Zhai et al. 2022): pretrained towers, tower policies, supervised image pretraining, cached embeddings."""
+"""LiT (Zhai et al. 2022): pretrained towers, tower policies, image pretraining, cached embeddings."""
 
 from ..data.embedding_cache import (
     CachedPairs,
@@ -23,6 +23,7 @@ __all__ = [
     "ImageClassifier",
     "ImageTower",
     "LiTPolicy",
+    "PretrainResult",
     "TowerPolicy",
     "apply_policy",
     "build_lit_model",

@@ -23,8 +23,8 @@ from typing import Any
 from torch import nn
 
 from ..config import CLIPConfig, TextConfig, VisionConfig, get_config
-from ..models.clip import CLIP
 from ..models.classifier import is_classifier_dir, load_classifier
+from ..models.clip import CLIP
 from ..models.hf_text import HFTextEncoder, HFTokenizer, is_hf_text_dir
 from ..models.vision import ModifiedResNet, VisionTransformer
 from ..train.locking import LiTPolicy, apply_policy
@@ -84,7 +84,8 @@ def build_lit_model(
         )
     if policy.text.pretrained and text is None:
         raise ValueError(
-            f"text policy {policy.text.mode!r} needs a pretrained text tower: pass text=<checkpoint or HF dir>"
+            f"text policy {policy.text.mode!r} needs a pretrained text tower: "
+            "pass text=<checkpoint or HF dir>"
         )
 
     # Image tower: the joint embedding is its output.
@@ -117,8 +118,10 @@ def build_lit_model(
         clip, _, tok = load(text)
         if clip.config.embed_dim != dim:
             raise ValueError(
-                f"the text tower of {text} outputs {clip.config.embed_dim} features but the image tower {dim}; "
-                "use an image tower of the same embedding size (or a HF text encoder, which gets a new projection)"
+                f"the text tower of {text} outputs {clip.config.embed_dim} features "
+                f"but the image tower {dim}; "
+                "use an image tower of the same embedding size "
+                "(or a HF text encoder, which gets a new projection)"
             )
         text_cfg = clip.config.text
         tokenizer = tok if tok is not None else tokenizer
@@ -132,8 +135,8 @@ def build_lit_model(
         ctx = context_length or base.text.context_length
         text_cfg = dataclasses.replace(base.text, vocab_size=tokenizer.vocab_size, context_length=ctx)
 
-    model = CLIP(CLIPConfig(embed_dim=dim, vision=vision, text=text_cfg, init_logit_scale=base.init_logit_scale,
-                            init_logit_bias=base.init_logit_bias, max_logit_scale=base.max_logit_scale))  # fmt: skip
+    cfg = dataclasses.replace(base, embed_dim=dim, vision=vision, text=text_cfg)
+    model = CLIP(cfg)
     model.visual = visual
     if text_tower is not None:
         model.text = text_tower

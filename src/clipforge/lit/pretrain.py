@@ -109,17 +109,17 @@ def pretrain_image(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"non-finite loss at step {step}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            result.losses.append(float(loss))
-            hits = (hits + [(int((logits.argmax(-1) == y).sum()), len(y))])[-window:]
+            result.losses.append(loss.item())
+            hits = [*hits, (int((logits.argmax(-1) == y).sum()), len(y))][-window:]
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if step >= steps:
                 break
     bar.close()

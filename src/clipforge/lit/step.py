@@ -20,19 +20,25 @@ from ..models.clip import CLIPOutput
 from ..train.step import contrastive_step
 
 
-class _CachedImages(nn.Module):
-    """Adapter for one step: model(embeddings, tokens) -> CLIPOutput without the image tower."""
+class _LiTForward(nn.Module):
+    """Adapter for one step: model(images or cached embeddings, tokens) -> CLIPOutput.
 
-    def __init__(self, model: nn.Module) -> None:
+    Image features of a locked tower (or of the cache) carry no autograd graph; contrastive_step's
+    accumulation back-propagates into every micro-batch's features, so they are made leaves that
+    require grad (their gradient is discarded; cost B x D floats).
+    """
+
+    def __init__(self, model: nn.Module, cached: bool) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.cached = model, cached
 
-    def forward(
-        self, image_embeddings: torch.Tensor, tokens: torch.Tensor, mask_ratio: float = 0.0
-    ) -> CLIPOutput:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask_ratio: float = 0.0) -> CLIPOutput:
         m = self.model
+        img = images.float() if self.cached else m.encode_image(images, mask_ratio=mask_ratio)
+        if not img.requires_grad and torch.is_grad_enabled():
+            img = img.detach().requires_grad_()
         return CLIPOutput(
-            image_features=F.normalize(image_embeddings.float(), dim=-1),
+            image_features=F.normalize(img, dim=-1),
             text_features=F.normalize(m.encode_text(tokens), dim=-1),
             logit_scale=m.logit_scale.exp().clamp(max=m.config.max_logit_scale),
             logit_bias=m.logit_bias,
@@ -51,13 +57,20 @@ def make_lit_step_fn(
         step: int = 0,
         backward: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        if isinstance(batch, Mapping) and "image_embedding" in batch:
-            target, images = _CachedImages(model), batch["image_embedding"]
+        cached = isinstance(batch, Mapping) and "image_embedding" in batch
+        if cached:
+            images = batch["image_embedding"]
         else:
-            target, images = model, (batch["image"] if isinstance(batch, Mapping) else batch[0])
+            images = batch["image"] if isinstance(batch, Mapping) else batch[0]
         texts = batch["text"] if isinstance(batch, Mapping) else batch[1]
         result = contrastive_step(
-            target, images, texts, loss_fn, accum_steps=accum_steps, mask_ratio=mask_ratio, backward=backward
+            _LiTForward(model, cached),
+            images,
+            texts,
+            loss_fn,
+            accum_steps=accum_steps,
+            mask_ratio=mask_ratio,
+            backward=backward,
         )
         return torch.tensor(result.loss)
 

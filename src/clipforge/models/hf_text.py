@@ -86,7 +86,8 @@ class HFTokenizer:
         for i, ids in enumerate(enc):
             if len(ids) > ctx - 1:
                 raise ValueError(
-                    f"text {i} has {len(ids)} tokens, more than the context of {ctx - 1} (+ end marker); pass truncate=True"
+                    f"text {i} has {len(ids)} tokens, more than the context of {ctx - 1} "
+                    "(+ end marker); pass truncate=True"
                 )
             out[i, : len(ids)] = torch.tensor(ids)
             out[i, len(ids)] = self.end_token_id
@@ -147,13 +148,14 @@ class HFTextEncoder(nn.Module):
         return list(layers), [self.proj]
 
     def split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """clipforge tokens (N, T) -> HF (input_ids, attention_mask), both (N, T') cut at the longest marker."""
+        """clipforge tokens (N, T) -> HF (input_ids, attention_mask), (N, T') cut at the longest marker."""
         if tokens.dim() != 2:
             raise ValueError(f"token ids must be (N, T), got shape {tuple(tokens.shape)}")
         end = tokens.argmax(dim=-1)  # (N,) the marker (the largest id)
         if not bool((tokens.gather(1, end[:, None]) == self.end_token_id).all()):
             raise ValueError(
-                f"text tokens lack the end marker {self.end_token_id}: tokenize with HFTokenizer of the same directory"
+                f"text tokens lack the end marker {self.end_token_id}: "
+                "tokenize with HFTokenizer of the same directory"
             )
         T = int(end.max())
         ids = tokens[:, :T]

@@ -41,13 +41,15 @@ class TowerPolicy:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(
-                f"tower policy must be one of {MODES} (L locked, U unlocked, u from scratch), got {self.mode!r}"
+                f"tower policy must be one of {MODES} "
+                f"(L locked, U unlocked, u from scratch), got {self.mode!r}"
             )
         if self.unlocked_blocks < 0:
             raise ValueError(f"unlocked_blocks must be >= 0, got {self.unlocked_blocks}")
         if self.unlocked_blocks and self.mode != "L":
             raise ValueError(
-                f"unlocked_blocks={self.unlocked_blocks} only applies to a locked ('L') tower, not {self.mode!r}"
+                f"unlocked_blocks={self.unlocked_blocks} only applies to a locked ('L') tower, "
+                f"not {self.mode!r}"
             )
 
     @property
