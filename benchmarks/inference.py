@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(format_table(rows, columns))
     for r in rows:
-        if "gmacs_reference" in r:
+        if "gmacs_reference" in r and r["dtype"] == args.dtypes[0]:
             print(
                 f"FLOP check {r['model']} {r['task']}: counted {r['gflop_per_item'] / 2:.3f} GMACs, "
                 f"reference {r['gmacs_reference']} GMACs"

@@ -183,9 +183,15 @@ def test_grad_checkpointing_gives_identical_outputs_and_grads(name):
         loss = out.logits_per_image().logsumexp(dim=-1).sum() + out.image_features.sum()
         return out, _grads(model, loss)
 
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     out_plain, g_plain = run()
+    buffers_plain = {n: b.clone() for n, b in model.named_buffers()}
+    model.load_state_dict(start)
     model.set_grad_checkpointing(True)
     out_ckpt, g_ckpt = run()
+    # The recomputation in backward must not update BatchNorm running statistics a second time.
+    for n, b in model.named_buffers():
+        torch.testing.assert_close(b, buffers_plain[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
     torch.testing.assert_close(out_ckpt.image_features, out_plain.image_features, rtol=0, atol=0)
     torch.testing.assert_close(out_ckpt.text_features, out_plain.text_features, rtol=0, atol=0)
     for n in g_plain:
