@@ -147,8 +147,13 @@ def _add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
     return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in {**a, **b}}
 
 
-def _fmt(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "none"
+def _fmt(counts: Mapping[str, int], examples: Mapping[str, list[str]] | None = None) -> str:
+    if not counts:
+        return "none"
+    examples = examples or {}
+    return ", ".join(
+        f"{k} {v}" + (f" (e.g. {examples[k][0]})" if examples.get(k) else "") for k, v in counts.items()
+    )
 
 
 class SkipReport:
@@ -212,9 +217,8 @@ class SkipReport:
         }
         what = f"epoch {epoch} (so far)" if partial else f"epoch {epoch} done"
         self.echo(
-            f"{what} at step {self.batches}: skipped {sum(this.values())} ({_fmt(this)}); "
-            f"since the start {sum(total.values())}"
-            + (f" -- {self.skips.summary()}" if this and self.skips.examples() else "")
+            f"{what} at step {self.batches}: skipped {sum(this.values())} samples "
+            f"({_fmt(this, self.skips.examples())}); since the start: {_fmt(total)}"
         )
         if self.metrics is not None:
             with self.metrics.open("a") as f:  # O_APPEND: whole lines next to the trainer's logger
