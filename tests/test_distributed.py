@@ -28,12 +28,17 @@ B = 4  # per rank
 WORLD = 2
 LR = 1e-3
 SCENARIOS = [("clip", 1), ("clip", 2), ("siglip", 1), ("siglip", 2)]
+FSDP_SCENARIOS = [("clip", 2), ("siglip", 1)]
 
 
 def _adamw(model):
     # eps 1e-6 (OpenCLIP's ViT setting): with 1e-8, Adam's first step turns float noise on gradients that
     # are exactly zero in theory (the attention key biases) into full +-lr updates.
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=1e-6)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
 
 
 def _free_port() -> int:
@@ -112,6 +117,29 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "grads": grads,
             "params": {k: v.detach().clone() for k, v in D.unwrap(model).state_dict().items()},
         }
+    # FSDP2 (per-block units): same step; consolidated and sharded checkpoints
+    for name, accum in FSDP_SCENARIOS:
+        model = D.shard_fsdp(_model(siglip=name == "siglip"))
+        opt = _adamw(model)
+        res = contrastive_step(model, images[mine], texts[mine], D.DistributedLoss(name), accum_steps=accum)
+        grads = {k: _full(p.grad) for k, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        results[("fsdp", name, accum)] = {
+            "loss": res.loss,
+            "grads": grads,
+            "params": D.model_state_dict(model),
+        }
+    D.save_sharded(model, opt, os.path.join(out_dir, "sharded"))
+    fresh = D.shard_fsdp(_model(siglip=True))
+    fresh_opt = _adamw(fresh)
+    D.load_sharded(fresh, fresh_opt, os.path.join(out_dir, "sharded"))
+    results["sharded_reload"] = D.model_state_dict(fresh)
+    results["sharded_dir"] = os.path.join(out_dir, "sharded")
+    fresh = D.shard_fsdp(_model(siglip=True))
+    D.load_model_state_dict(
+        fresh, results[("fsdp", "siglip", 1)]["params"] if rank == 0 else {}, broadcast=True
+    )
+    results["consolidated_reload"] = D.model_state_dict(fresh)
     # features only: local mode, uneven batches, the logits bound
     sizes = [8 + (r == 0) for r in range(world)]  # rank 0 holds one more row
     img, txt = _features(sum(sizes))  # D = 4 < batch: the logits are the largest tensors
@@ -168,11 +196,14 @@ def _reference_step(name: str):
     return float(loss.detach()), grads, model.state_dict()
 
 
-@pytest.mark.parametrize("name,accum", SCENARIOS)
-def test_two_ranks_equal_one_process_with_twice_the_batch(ranks, name, accum):
+@pytest.mark.parametrize(
+    "key", [(n, a) for n, a in SCENARIOS] + [("fsdp", n, a) for n, a in FSDP_SCENARIOS], ids=str
+)
+def test_two_ranks_equal_one_process_with_twice_the_batch(ranks, key):
+    name = key[-2]
     ref_loss, ref_grads, ref_params = _reference_step(name)
-    for r in ranks:
-        got = r[(name, accum)]
+    for r in ranks[: 1 if key[0] == "fsdp" else None]:  # FSDP: the consolidated state is on rank 0
+        got = r[key]
         assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)  # every rank reports the global loss
         assert set(got["grads"]) == set(ref_grads)
         for k, g in ref_grads.items():
@@ -205,7 +236,7 @@ def _reference_features(name: str, mode: str, sizes: list[int]):
         parts = zip(img.split(sizes), txt.split(sizes))
         loss = sum(fn(i, t, scale, bias) * len(i) for i, t in parts) / sum(sizes)
     loss.backward()
-    return float(loss), img.grad, txt.grad, float(scale.grad), bias.grad
+    return float(loss.detach()), img.grad, txt.grad, float(scale.grad), bias.grad
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
@@ -268,3 +299,79 @@ def test_missing_master_addr_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
         D.init_distributed(device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ data split
+def _shards(tmp_path, n=20, per_shard=3):
+    from PIL import Image
+
+    from clipforge.data import write_shards
+
+    pairs = [(Image.new("RGB", (8, 8), (i, 0, 0)), f"sample {i}") for i in range(n)]
+    report = write_shards(pairs, tmp_path / "shards", max_count=per_shard, progress=False)
+    return sorted(str(tmp_path / "shards" / s) for s in report.shards), [c for _, c in pairs]
+
+
+def _read_as(monkeypatch, urls, rank, world, split="epoch", epoch=0, workers=2):
+    from torch.utils.data import DataLoader
+
+    from clipforge.train.distributed_data import DistributedWebDataset
+
+    monkeypatch.setenv("RANK", str(rank))  # what torchrun sets; read by webdataset's pytorch_worker_info
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    ds = DistributedWebDataset(urls, split=split, shuffle_buffer=0, seed=3)
+    ds.set_epoch(epoch)
+    ctx = "fork" if workers else None
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context=ctx)
+    return [item["text"] for item in loader]
+
+
+def test_shards_split_over_ranks_and_workers_exactly_once(tmp_path, monkeypatch):
+    urls, captions = _shards(tmp_path)
+    assert len(urls) == 7
+    for epoch in (0, 1):
+        got = [_read_as(monkeypatch, urls, r, 2, epoch=epoch) for r in (0, 1)]
+        assert sorted(got[0] + got[1]) == sorted(captions)  # all samples, each exactly once
+        assert not set(got[0]) & set(got[1])
+
+
+def test_rank_without_shard_is_a_clear_error_or_resampled(tmp_path, monkeypatch):
+    from clipforge.train.distributed_data import epoch_plan
+
+    urls, captions = _shards(tmp_path, n=5, per_shard=5)  # one shard, two ranks
+    with pytest.raises(ValueError, match=r"1 WebDataset shard.*2 ranks.*resampled"):
+        _read_as(monkeypatch, urls, 1, 2, workers=0)
+    for r in (0, 1):  # resampled: both ranks read (with replacement) a full shard per epoch
+        assert sorted(_read_as(monkeypatch, urls, r, 2, split="resampled", workers=0)) == sorted(captions)
+    plan = epoch_plan(urls, world_size=2, global_batch=4)
+    assert plan["total"] == 5 and plan["per_rank"] == [5, 0] and plan["steps_per_epoch"] == 0
+
+
+def test_epoch_plan_from_sizes_json(tmp_path):
+    from clipforge.train.distributed_data import epoch_plan, rank_shards
+
+    urls, _ = _shards(tmp_path)  # 6 shards of 3, one of 2
+    plan = epoch_plan(urls, world_size=2, global_batch=4, epoch=0, seed=3)
+    counts = {u: (2 if u.endswith("000006.tar") else 3) for u in urls}
+    expect = [sum(counts[u] for u in rank_shards(urls, r, 2, 0, 3)) for r in (0, 1)]
+    assert plan["total"] == 20 and plan["per_rank"] == expect and sum(expect) == 20
+    assert plan["steps_per_epoch"] == min(expect) // 2
+
+
+def test_fsdp_checkpoints_round_trip(ranks, tmp_path_factory):
+    """Sharded (torch.distributed.checkpoint) and consolidated (rank 0's dict broadcast) reloads give the
+    trained parameters back; the sharded directory also loads into one plain process (another world size)."""
+    import torch.distributed.checkpoint as dcp
+
+    trained = ranks[0][("fsdp", "siglip", 1)]["params"]
+    for key in ("sharded_reload", "consolidated_reload"):
+        got = ranks[0][key]
+        assert set(got) == set(trained)
+        for k, v in trained.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=f"{key}: {k}")
+    model = _model(siglip=True)
+    state = {"model": model.state_dict()}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load(state, checkpoint_id=str(ranks[0]["sharded_dir"]))
+    for k, v in trained.items():
+        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)

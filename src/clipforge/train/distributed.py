@@ -315,8 +315,20 @@ def shard_fsdp(
             for block in _blocks(tower):
                 fully_shard(block, **kw)
         fully_shard(tower, **kw)
-    fully_shard(model, **kw)
+    # fully_shard rejects 0-d parameters (the temperature and SigLIP bias): they stay replicated, and a
+    # hook averages their gradients over the ranks after each accumulation, as DDP would.
+    scalars = {p for p in model.parameters(recurse=False) if p.dim() == 0}
+    for p in scalars:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_average_grad)
+    fully_shard(model, ignored_params=scalars or None, **kw)
     return model
+
+
+def _average_grad(param: torch.Tensor) -> None:
+    if is_distributed() and param.grad is not None:
+        dist.all_reduce(param.grad)
+        param.grad /= dist.get_world_size()
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -331,13 +343,18 @@ def model_state_dict(model: nn.Module, full: bool = True) -> dict[str, Any]:
     return get_model_state_dict(model, options=opts)
 
 
-def load_model_state_dict(model: nn.Module, state: dict[str, Any], strict: bool = True) -> None:
-    """Load a consolidated state dict (from any world size) into a plain, DDP or FSDP2 model: every rank
-    passes the full dict; shards are cut from it."""
+def load_model_state_dict(
+    model: nn.Module, state: dict[str, Any], strict: bool = True, broadcast: bool = False
+) -> None:
+    """Load a consolidated state dict (saved at any world size) into a plain, DDP or FSDP2 model; each
+    rank keeps its shards. Every rank passes the full dict, or with broadcast=True only rank 0 does (the
+    others pass {}) and it is broadcast from there (one copy in host memory instead of one per rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, strict=strict)
-    set_model_state_dict(model, state, options=opts)
+    opts = StateDictOptions(
+        full_state_dict=True, strict=strict, broadcast_from_rank0=broadcast and is_distributed()
+    )
+    set_model_state_dict(model, dict(state), options=opts)  # a copy: torch replaces its values in place
 
 
 def training_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, full: bool = True) -> dict:
