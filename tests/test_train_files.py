@@ -32,6 +32,17 @@ from clipforge.train.trainer import TrainingInterrupted
 from clipforge.transforms import eval_transform, train_transform
 
 COLOURS = ["red", "green", "blue", "yellow"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models on a shared 2-core machine: one intra-op thread is ~50x faster than two contended ones
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 

@@ -1,4 +1,8 @@
-"""`clipforge train --config run.yaml [key=value ...] [--resume]`."""
+"""`clipforge train --config run.yaml [key=value ...] [--resume]`.
+
+data.kind: synthetic (no files), manifest (CSV/TSV/JSONL), folder (images + sidecar .txt), webdataset
+(tar shards); see examples/train_manifest.yaml.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"clipforge train: error: {e}")
         return 1
-    print(f"trained {result.step} steps in {result.seconds:.0f} s; run directory: {exp.run.output_dir}")
+    out = exp.run.output_dir
+    print(f"trained {result.step} steps in {result.seconds:.0f} s; run directory: {out}")
+    print(f"  model: {out}/model (clipforge.load), metrics: {out}/metrics.jsonl, plots: {out}/plots/")
     for k, v in result.eval.items():
         print(f"  {k}: {v:.4f}")
     return 0
