@@ -311,3 +311,8 @@ def test_finetune_from_checkpoint_keeps_architecture(data, tmp_path):
     model, _, _ = clipforge.load(tmp_path / "ft" / "model")
     assert model.config == start.config
     assert not torch.equal(model.text.proj, start.text.proj)  # it trained
+
+
+def test_example_config_loads():
+    exp = load_experiment(Path(__file__).parents[1] / "examples" / "train_manifest.yaml")
+    assert (exp.data.kind, exp.model.tokenizer, exp.data.augment) == ("manifest", "bpe", "square_crop")
