@@ -8,6 +8,7 @@ single-process references run here, with clipforge.loss directly (no distributed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import socket
@@ -180,6 +181,7 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@functools.cache
 def _reference_step(name: str):
     """One process, batch 2B, the plain loss, one backward, one AdamW step."""
     model = _model(siglip=name == "siglip")
