@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Subcommand modules (clipforge.cli.<name>); each defines register(subparsers) and sets `func` on its parser.
-COMMANDS = ("info", "train", "demo", "eval", "convert", "shards")
+COMMANDS = ("info", "train", "demo", "eval", "convert", "shards", "lit")
 
 
 def build_parser() -> argparse.ArgumentParser:
