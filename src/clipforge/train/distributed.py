@@ -148,6 +148,17 @@ def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor:
     return (t / dist.get_world_size()).cpu()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any (e.g. a SIGTERM that reached one rank: all stop together)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 # ------------------------------------------------------------------------------------------ gathering
 def gather_sizes(n: int, device: torch.device) -> list[int]:
     """Rows held by every rank (one tiny all_gather)."""
@@ -167,9 +178,8 @@ def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.T
     sizes = sizes if sizes is not None else gather_sizes(x.shape[0], x.device)
     top = max(sizes)
     padded = x if x.shape[0] == top else torch.cat([x, x.new_zeros(top - x.shape[0], *x.shape[1:])])
-    with (
-        warnings.catch_warnings()
-    ):  # 2.13 points to a private replacement; this one is public and autograd-aware
+    # torch 2.13 deprecates this for a private replacement; it is the public, autograd-aware all_gather
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         parts = dist_fn.all_gather(padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
