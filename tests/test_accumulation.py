@@ -145,6 +145,23 @@ def test_gradient_checkpointing_with_accumulation():
     _assert_same_grads(accum, full)
 
 
+@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
+def test_locked_image_tower_accumulates_like_the_full_batch(preset):
+    """LiT (Lu): the locked tower's features carry no graph; the accumulated step skips them and the
+    text tower / temperature get the full-batch gradient; the locked tower gets none."""
+    from clipforge.train.locking import apply_policy
+
+    model = apply_policy(_model(preset), "Lu").train()  # a locked ResNet stays in eval mode (frozen BN)
+    images, texts = _batch(model, 8)
+    _, full = _reference_grads(model, images, texts, LOSSES["clip"])
+    before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    _, accum = _step_grads(model, images, texts, LOSSES["clip"], accum_steps=4)
+    assert not any(n.startswith("visual.") for n in full) and "text.proj" in full
+    _assert_same_grads(accum, full)
+    for k, v in model.visual.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BN running statistics included
+
+
 def test_trim_tokens_is_exact():
     model = _model("tiny-vit")
     _, texts = _batch(model, 5)

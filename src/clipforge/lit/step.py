@@ -24,8 +24,7 @@ class _LiTForward(nn.Module):
     """Adapter for one step: model(images or cached embeddings, tokens) -> CLIPOutput.
 
     Image features of a locked tower (or of the cache) carry no autograd graph; contrastive_step's
-    accumulation back-propagates into every micro-batch's features, so they are made leaves that
-    require grad (their gradient is discarded; cost B x D floats).
+    accumulation skips them when it back-propagates the cached feature gradients.
     """
 
     def __init__(self, model: nn.Module, cached: bool) -> None:
@@ -35,8 +34,6 @@ class _LiTForward(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask_ratio: float = 0.0) -> CLIPOutput:
         m = self.model
         img = images.float() if self.cached else m.encode_image(images, mask_ratio=mask_ratio)
-        if not img.requires_grad and torch.is_grad_enabled():
-            img = img.detach().requires_grad_()
         return CLIPOutput(
             image_features=F.normalize(img, dim=-1),
             text_features=F.normalize(m.encode_text(tokens), dim=-1),

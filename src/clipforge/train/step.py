@@ -174,7 +174,10 @@ def contrastive_step(
                 if extra is not None and extra.requires_grad:
                     outs.append(extra)
                     grads.append(torch.zeros_like(extra))
-            torch.autograd.backward(outs, grads)
+            # A locked tower (LiT) or cached embeddings give features without a graph: nothing to push.
+            pairs = [(f, g) for f, g in zip(outs, grads) if f.requires_grad]
+            if pairs:
+                torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
         _set_rng_state(rng_after, device)
         with torch.no_grad():
             for b, saved in zip(_bn_buffers(model), bn_after):
