@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from .distributed import any_rank, is_main
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .runs import RunDir, load_checkpoint, rng_state, set_rng_state
 
@@ -89,6 +90,10 @@ class BatchStream:
     Each epoch is a permutation drawn from (seed, epoch); incomplete last batches are dropped (a contrastive
     batch should have a fixed size). `state_dict()` taken after a batch was handed out resumes with the
     very next one: nothing is lost or repeated.
+
+    Data-parallel: batch_size is the global batch; rank r of world_size loads rows [r*b, (r+1)*b) of each
+    (b = batch_size / world_size). The order and the position are those of the global batches, so a run
+    yields the same batches at any world size and resumes at another one.
     """
 
     def __init__(
@@ -101,7 +106,12 @@ class BatchStream:
         workers: int = 0,
         collate_fn: Callable | None = None,
         pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} does not split over {world_size} ranks")
+        self.rank, self.local_batch = rank, batch_size // world_size
         if isinstance(dataset, IterableDataset):
             raise TypeError("BatchStream needs a map-style dataset; use IterableBatchStream for streams")
         n = len(dataset)
@@ -118,6 +128,10 @@ class BatchStream:
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
+    @property
+    def _mine(self) -> slice:
+        return slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+
     def _order(self, epoch: int) -> list[int]:
         n = len(self.dataset)
         if not self.shuffle:
@@ -133,7 +147,7 @@ class BatchStream:
                 self.dataset.set_epoch(epoch)
             full = len(order) - len(order) % self.batch_size
             batches = [
-                [(epoch, i) for i in order[s : s + self.batch_size]]
+                [(epoch, i) for i in order[s : s + self.batch_size]][self._mine]
                 for s in range(self.index, full, self.batch_size)
             ]
             # A private generator: creating the loader must not consume the global RNG (resume exactness).
@@ -280,6 +294,10 @@ class Trainer:
         self.after_step, self.scalars = after_step, scalars
         self.progress, self.tensorboard, self.handle_signals = progress, tensorboard, handle_signals
         self.device = next(model.parameters()).device
+        # DDP: step_fn gets the wrapper; state, evaluation and callbacks the model inside. Rank 0 alone
+        # writes the run directory; every rank reads checkpoints.
+        self.module = getattr(model, "module", model)
+        self.is_main = is_main()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 training needs a GPU (loss scaling); use bf16 on CPU")
@@ -292,7 +310,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
@@ -303,7 +321,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -315,7 +333,7 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             self.run_dir.save_checkpoint(self.state_dict(), self.step, self.keep_last)
 
     def resume(self) -> bool:
@@ -369,7 +387,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.after_step is not None:
-                self.after_step(self.model)
+                self.after_step(self.module)
         else:
             self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
@@ -382,30 +400,34 @@ class Trainer:
         metrics: dict[str, float] = {}
         for name, ev in self.evaluators.items():
             run = getattr(ev, "run", ev)
-            for k, v in run(self.model).items():
+            for k, v in run(self.module).items():
                 metrics[f"{name}/{k}"] = float(v)
         self.model.train()
         return metrics
 
     def fit(self, resume: bool = False) -> TrainResult:
         logger = None
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             self.run_dir.create()
             if self.config:
                 self.run_dir.save_config(self.config)
-        if resume and not self.resume():
+        if resume and not self.resume() and self.is_main:  # every rank loads the checkpoint
             print(
                 f"no checkpoint in {self.run_dir.checkpoints if self.run_dir else '(no run dir)'}; "
                 "starting fresh"
             )
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             MetricsLogger.truncate_after(self.run_dir.metrics, self.step)
             tb = self.run_dir.path / "tensorboard" if self.tensorboard else None
             logger = MetricsLogger(self.run_dir.metrics, tb)
         result = TrainResult(step=self.step)
         t_start = time.perf_counter()
         bar = tqdm(
-            total=self.steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True
+            total=self.steps,
+            initial=self.step,
+            desc="train",
+            disable=not (self.progress and self.is_main),
+            dynamic_ncols=True,
         )
         window_t, window_n = time.perf_counter(), 0
         try:
@@ -441,7 +463,11 @@ class Trainer:
                         logger.log(record)
                         window_t, window_n = time.perf_counter(), 0
                     last = self.step == self.steps
-                    if self.evaluators and (last or (self.eval_every and self.step % self.eval_every == 0)):
+                    if (
+                        self.evaluators
+                        and self.is_main
+                        and (last or (self.eval_every and self.step % self.eval_every == 0))
+                    ):
                         result.eval = self.evaluate()
                         if logger is not None:
                             logger.log({"kind": "eval", "step": self.step, **result.eval})
@@ -450,9 +476,10 @@ class Trainer:
                         )
                     if last or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
                         self.save_checkpoint()
-                    if self._stop_signal is not None and not last:
+                    # a signal may reach the ranks at different steps: all stop at the same one
+                    if any_rank(self._stop_signal is not None) and not last:
                         self.save_checkpoint()
-                        name = signal.Signals(self._stop_signal).name
+                        name = signal.Signals(self._stop_signal or signal.SIGTERM).name
                         raise TrainingInterrupted(
                             f"{name} at step {self.step}: checkpoint saved; continue with --resume"
                         )
@@ -462,7 +489,7 @@ class Trainer:
                 logger.close()
         result.step, result.nonfinite_steps = self.step, self.nonfinite_total
         result.seconds = time.perf_counter() - t_start
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             plot_metrics(read_metrics(self.run_dir.metrics), self.run_dir.plots)
         return result
 
@@ -476,7 +503,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
         }
         if self.scalars is not None:
-            record.update({k: float(v) for k, v in self.scalars(self.model).items()})
+            record.update({k: float(v) for k, v in self.scalars(self.module).items()})
         skips = self.data.skip_counts()
         if skips:
             record["skipped"] = skips
