@@ -63,7 +63,7 @@ def build_lit_model(
     policy: LiTPolicy | str,
     *,
     preset: str | CLIPConfig = "tiny-vit",
-    image: str | Path | None = None,
+    image: str | Path | ImageTower | None = None,
     text: str | Path | None = None,
     tokenizer: Any = None,
     embed_dim: int | None = None,
@@ -72,6 +72,7 @@ def build_lit_model(
 ) -> tuple[CLIP, Any]:
     """(CLIP model with the policy applied, tokenizer).
 
+    image: a source path, or an `ImageTower` already loaded with `load_image_tower`.
     preset: the architecture of towers without a source (and embed_dim when no image source).
     tokenizer: for a clipforge text tower without a source (its vocabulary sets vocab_size); a text
     source brings its own. context_length: of the text tower (default: tokenizer's / preset's).
@@ -90,7 +91,7 @@ def build_lit_model(
 
     # Image tower: the joint embedding is its output.
     if image is not None:
-        src = load_image_tower(image)
+        src = image if isinstance(image, ImageTower) else load_image_tower(image)
         vision, dim = src.config, src.embed_dim
         if embed_dim is not None and embed_dim != dim:
             raise ValueError(f"embed_dim={embed_dim} but the image tower {image} outputs {dim} features")

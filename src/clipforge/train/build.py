@@ -109,6 +109,56 @@ def build_model(
     return create_model(cfg.replace(text=text))
 
 
+def lit_image_source(exp: Experiment):
+    """The pretrained image tower of a LiT experiment (loaded once: its preprocessing sizes the data)."""
+    if exp.model.lit is None or not exp.model.image_tower:
+        return None
+    from ..lit.build import load_image_tower
+
+    return load_image_tower(exp.model.image_tower)
+
+
+def build_lit(exp: Experiment, tokenizer, image_source) -> tuple[torch.nn.Module, Any]:
+    """(LiT model with the policy applied, tokenizer): `model.lit` and the tower sources."""
+    from ..lit.build import build_lit_model
+    from .locking import LiTPolicy
+
+    m = exp.model
+    policy = LiTPolicy.parse(m.lit, m.image_unlocked_blocks, m.text_unlocked_blocks)
+    model, tokenizer = build_lit_model(
+        policy,
+        preset=m.preset,
+        image=image_source,
+        text=m.text_tower,
+        tokenizer=tokenizer,
+        pooling=m.pooling,
+        context_length=m.context_length,
+    )
+    return model.train(), tokenizer
+
+
+def cached_pairs(exp: Experiment, model: torch.nn.Module, tokens: torch.Tensor):
+    """CachedPairs over `data.embedding_cache`, checked against the locked tower and the training set."""
+    from ..data.embedding_cache import CachedPairs, CacheMismatchError, EmbeddingCache, weights_hash
+
+    cache = EmbeddingCache(exp.data.embedding_cache)
+    where = exp.data.embedding_cache
+    made = cache.index["fingerprint"]
+    if made.get("weights") != weights_hash(model.visual):
+        raise CacheMismatchError(
+            f"{where}: made by another image tower than model.image_tower={exp.model.image_tower}; "
+            "rebuild it with `clipforge cache-embeddings --tower <that tower>`"
+        )
+    data = f"synthetic:{exp.run.seed}:{exp.data.synthetic_train}"
+    if made.get("preprocess", {}).get("data") != data:
+        raise CacheMismatchError(
+            f"{where}: holds embeddings of {made.get('preprocess', {}).get('data')!r} but the training "
+            f"set is {data!r}; run `clipforge cache-embeddings --data synthetic --seed {exp.run.seed} "
+            f"--synthetic-n {exp.data.synthetic_train}`"
+        )
+    return CachedPairs(cache, tokens)
+
+
 def synthetic_data(exp: Experiment, image_size: int):
     """(train images uint8, captions, evaluation sets) of the synthetic shapes set."""
     from ..data.synthetic import ShapesConfig, classification_set, make_tensors
@@ -165,15 +215,32 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         ckpt_model, ckpt_preprocess, ckpt_tok = load(exp.model.checkpoint)
     cfg = ckpt_model.config if ckpt_model is not None else get_config(exp.model.preset)
     preprocess = getattr(ckpt_preprocess, "config", None) or PreprocessConfig(cfg.vision.image_size)
+    image_source = lit_image_source(exp)
+    if image_source is not None:  # LiT: the data follows the pretrained image tower's preprocessing
+        preprocess = PreprocessConfig.from_dict(
+            {
+                k: v
+                for k, v in image_source.preprocess.items()
+                if k in ("image_size", "mean", "std", "interpolation")
+            }
+        )
     ctx = cfg.text.context_length
     run_dir = RunDir(exp.run.output_dir)
     t = exp.train
     if exp.data.kind == "synthetic":
         images, captions, sets = synthetic_data(exp, preprocess.image_size)
-        tokenizer = build_tokenizer(exp, captions, ckpt_tok, ctx, resume)
-        model = build_model(exp, tokenizer, ckpt_model)
+        if exp.model.lit is None:
+            tokenizer = build_tokenizer(exp, captions, ckpt_tok, ctx, resume)
+            model = build_model(exp, tokenizer, ckpt_model)
+        else:  # a text_tower brings its own tokenizer; a scratch one uses model.tokenizer
+            tokenizer = None if exp.model.text_tower else build_tokenizer(exp, captions, None, ctx, resume)
+            model, tokenizer = build_lit(exp, tokenizer, image_source)
         ctx = model.config.text.context_length
-        dataset = TensorPairs(images, tokenizer(captions, context_length=ctx, truncate=True))
+        tokens = tokenizer(captions, context_length=ctx, truncate=True)
+        if exp.data.embedding_cache:
+            dataset: Any = cached_pairs(exp, model, tokens)
+        else:
+            dataset = TensorPairs(images, tokens)
         data: Any = BatchStream(
             dataset,
             t.batch_size,
@@ -185,8 +252,14 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         evaluators = synthetic_evaluators(sets, tokenizer)
     else:
         source = TrainSource(exp)
-        tokenizer = build_tokenizer(exp, source.captions, ckpt_tok, ctx, resume)
-        model = build_model(exp, tokenizer, ckpt_model)
+        if exp.model.lit is None:
+            tokenizer = build_tokenizer(exp, source.captions, ckpt_tok, ctx, resume)
+            model = build_model(exp, tokenizer, ckpt_model)
+        else:
+            tokenizer = (
+                None if exp.model.text_tower else build_tokenizer(exp, source.captions, None, ctx, resume)
+            )
+            model, tokenizer = build_lit(exp, tokenizer, image_source)
         ctx = model.config.text.context_length
         source.attach(_train_transform(exp, preprocess), tokenizer, ctx)
         stream = source.stream(t.batch_size, exp.run.seed, pin_memory=device.type == "cuda")
@@ -203,13 +276,18 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps))
         )
-    step_fn = make_step_fn(
-        t.loss,
-        lam=t.lam,
-        accum_steps=t.accum_steps,
-        mask_ratio=t.mask_ratio,
-        unmasked_from_step=t.steps - t.unmasked_steps if t.unmasked_steps else None,
-    )
+    if exp.data.embedding_cache:  # batches of {"image_embedding", "text"}: the image tower never runs
+        from ..lit.step import make_lit_step_fn
+
+        step_fn = make_lit_step_fn(t.loss, lam=t.lam, accum_steps=t.accum_steps)
+    else:
+        step_fn = make_step_fn(
+            t.loss,
+            lam=t.lam,
+            accum_steps=t.accum_steps,
+            mask_ratio=t.mask_ratio,
+            unmasked_from_step=t.steps - t.unmasked_steps if t.unmasked_steps else None,
+        )
 
     def scalars(m):
         out = {"logit_scale": m.logit_scale.exp().item()}

@@ -32,6 +32,14 @@ class ModelSpec:
     tokenizer: str = "auto"
     vocab_size: int | None = None  # with tokenizer "bpe": its size (default: the preset's)
     context_length: int | None = None  # default: the preset's (the checkpoint's)
+    # LiT (Zhai et al. 2022): tower policies, image tower first; L pretrained + locked, U pretrained +
+    # unlocked, u random init ("Lu", "LU", "Uu", "UU", "uu", "UL", ...). None = plain CLIP.
+    lit: str | None = None
+    image_tower: str | None = None  # classifier dir (`clipforge pretrain-image`) or a clipforge.load ckpt
+    text_tower: str | None = None  # a clipforge.load checkpoint or a local HF BERT-family directory
+    image_unlocked_blocks: int = 0  # with an L image tower: train its last N blocks (and head) anyway
+    text_unlocked_blocks: int = 0
+    pooling: Literal["mean", "cls"] = "mean"  # HF text towers
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,9 @@ class DataSpec:
     shuffle: bool = True  # seeded: the same run.seed gives the same order
     shuffle_buffer: int = 1000  # webdataset: samples in the seeded shuffle buffer
     workers: int = 0  # DataLoader worker processes
+    # LiT with an L image tower: precomputed embeddings (`clipforge cache-embeddings`, same tower and
+    # data); training reads them and never runs the image tower. Synthetic data only for now.
+    embedding_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,42 @@ class Experiment:
             raise ValueError(f"data.workers must be >= 0, got {self.data.workers}")
         if self.model.tokenizer == "checkpoint" and not self.model.checkpoint:
             raise ValueError("model.tokenizer=checkpoint needs model.checkpoint")
+        self._check_lit()
+
+    def _check_lit(self) -> None:
+        m, d = self.model, self.data
+        if m.lit is None:
+            lit_only = {
+                "model.image_tower": m.image_tower,
+                "model.text_tower": m.text_tower,
+                "model.image_unlocked_blocks": m.image_unlocked_blocks,
+                "model.text_unlocked_blocks": m.text_unlocked_blocks,
+                "data.embedding_cache": d.embedding_cache,
+            }
+            set_ = [k for k, v in lit_only.items() if v]
+            if set_:
+                raise ValueError(f"{', '.join(set_)} only apply to LiT: set model.lit (e.g. model.lit=Lu)")
+            return
+        from .locking import LiTPolicy
+
+        policy = LiTPolicy.parse(m.lit, m.image_unlocked_blocks, m.text_unlocked_blocks)
+        if m.checkpoint:
+            raise ValueError("model.lit takes its towers from model.image_tower / model.text_tower, "
+                             "not model.checkpoint")  # fmt: skip
+        if policy.image.pretrained and not m.image_tower:
+            raise ValueError(f"model.lit={m.lit}: a pretrained ('{policy.image.mode}') image tower needs "
+                             "model.image_tower (a classifier directory or a checkpoint)")  # fmt: skip
+        if policy.text.pretrained and not m.text_tower:
+            raise ValueError(f"model.lit={m.lit}: a pretrained ('{policy.text.mode}') text tower needs "
+                             "model.text_tower (a checkpoint or a HF directory)")  # fmt: skip
+        if d.embedding_cache:
+            if not policy.image.locked or policy.image.unlocked_blocks:
+                raise ValueError(f"data.embedding_cache needs a fully locked image tower (model.lit=L?, "
+                                 f"image_unlocked_blocks=0), got lit={m.lit}, "
+                                 f"image_unlocked_blocks={m.image_unlocked_blocks}")  # fmt: skip
+            if d.kind != "synthetic":
+                raise ValueError(f"data.embedding_cache is supported with data.kind=synthetic only, "
+                                 f"not {d.kind!r}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,151 @@
+"""LiT from the experiment config: `clipforge train model.lit=Lu model.image_tower=D data.embedding_cache=C`
+with a locked image tower read from its embedding cache (never run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipforge.checkpoints import load
+from clipforge.cli import main
+from clipforge.config import VisionConfig
+from clipforge.lit import ImageClassifier, load_classifier, save_classifier
+from clipforge.models.vision import VisionTransformer
+from clipforge.train import build as build_mod
+from clipforge.train.experiment import load_experiment
+
+VISION = VisionConfig(kind="vit", image_size=32, width=32, layers=1, heads=2, patch_size=8)
+N = 48  # synthetic training pairs
+
+
+@pytest.fixture(scope="module")
+def tower_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    clf = ImageClassifier(VISION, 16, 4)
+    return save_classifier(
+        clf, tmp_path_factory.mktemp("tower") / "clf", ["a", "b", "c", "d"], {"image_size": 32}
+    )
+
+
+def _overrides(out, tower, *extra):
+    return [
+        "model.lit=Lu",
+        f"model.image_tower={tower}",
+        "model.tokenizer=bpe",
+        "model.vocab_size=600",
+        "model.context_length=16",
+        f"data.synthetic_train={N}",
+        "data.synthetic_val=64",
+        "train.steps=3",
+        "train.batch_size=16",
+        "train.accum_steps=2",  # the accumulated step with a graph-less image side
+        "train.device=cpu",
+        "optim.warmup_steps=1",
+        "optim.lr=1e-2",
+        f"run.output_dir={out}",
+        "run.checkpoint_every=100",
+        "run.tensorboard=false",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_train_lu_from_config(tmp_path, tower_dir, monkeypatch, cached):
+    calls = []
+    original = VisionTransformer.forward
+
+    def counting(self, *a, **kw):
+        calls.append(self.training)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(VisionTransformer, "forward", counting)
+    monkeypatch.setattr(build_mod, "synthetic_evaluators", lambda sets, tok: {})  # training calls only
+    extra = []
+    if cached:
+        cache = tmp_path / "cache"
+        argv = ["cache-embeddings", "--tower", str(tower_dir), "--out", str(cache), "--synthetic-n", str(N),
+                "--seed", "0", "--quiet"]  # fmt: skip
+        assert main(argv) == 0
+        calls.clear()
+        extra = [f"data.embedding_cache={cache}"]
+    out = tmp_path / "run"
+    assert main(["train", "--no-progress", *_overrides(out, tower_dir, *extra)]) == 0
+
+    if cached:
+        assert calls == []  # the image tower never ran: every batch came from the cache
+    else:
+        assert calls and not any(calls)  # it ran live, in eval mode
+    clf, _ = load_classifier(tower_dir)
+    model, _, _ = load(out / "model")
+    trained = model.visual.state_dict()
+    for k, v in clf.visual.state_dict().items():
+        assert torch.equal(v, trained[k]), f"locked weight {k} changed"
+    assert model.config.text.vocab_size == 600 and model.config.embed_dim == 16
+
+
+def test_cache_of_another_tower_or_data_is_refused(tmp_path, tower_dir):
+    from clipforge.data.embedding_cache import CacheMismatchError
+
+    cache = tmp_path / "cache"
+    argv = [
+        "cache-embeddings",
+        "--tower",
+        str(tower_dir),
+        "--out",
+        str(cache),
+        "--synthetic-n",
+        "32",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    with pytest.raises(CacheMismatchError, match="synthetic:0:32"):  # cached 32 pairs, training 48
+        build_mod.build_trainer(
+            load_experiment(None, _overrides(tmp_path / "r1", tower_dir, f"data.embedding_cache={cache}")),
+            progress=False,
+        )
+    torch.manual_seed(1)
+    other = save_classifier(ImageClassifier(VISION, 16, 4), tmp_path / "other", ["a", "b", "c", "d"],
+                            {"image_size": 32})  # fmt: skip
+    with pytest.raises(CacheMismatchError, match="another image tower"):
+        build_mod.build_trainer(
+            load_experiment(None, _overrides(tmp_path / "r2", other, f"data.embedding_cache={cache}")),
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.lit=Xu"], "two letters of L/U/u"),
+        (["model.lit=Lu"], "needs model.image_tower"),
+        (["model.lit=uU"], "needs model.text_tower"),
+        (["model.image_tower=x"], "only apply to LiT"),
+        (["model.lit=Uu", "model.image_tower=x", "data.embedding_cache=c"], "fully locked image tower"),
+        (
+            [
+                "model.lit=Lu",
+                "model.image_tower=x",
+                "model.image_unlocked_blocks=1",
+                "data.embedding_cache=c",
+            ],
+            "fully locked",
+        ),
+        (
+            ["model.lit=Uu", "model.image_tower=x", "model.image_unlocked_blocks=1"],
+            "only applies to a locked",
+        ),
+        (
+            [
+                "model.lit=Lu",
+                "model.image_tower=x",
+                "data.embedding_cache=c",
+                "data.kind=folder",
+                "data.train=d",
+            ],
+            "synthetic only",
+        ),
+    ],
+)
+def test_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_experiment(None, overrides)
