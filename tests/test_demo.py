@@ -6,8 +6,10 @@ import argparse
 import json
 
 import pytest
+import torch
 
-from clipforge.demo import DemoConfig, format_results, run_demo
+from clipforge.demo import DemoConfig, demo_model_config, format_results, resolve_precision, run_demo
+from clipforge.models import create_model
 from clipforge.train.build import run_experiment
 from clipforge.train.experiment import load_experiment
 
@@ -57,13 +59,25 @@ def test_demo_step_count_is_fixed_by_minutes():
     assert DemoConfig(minutes=5, steps=7).num_steps() == 7
 
 
+def test_demo_model_towers_and_precision():
+    rn = demo_model_config(600, DemoConfig())
+    assert rn.vision.kind == "resnet" and rn.text.vocab_size == 600
+    vit = demo_model_config(600, DemoConfig(image_tower="vit", width=64, layers=1, patch_size=16))
+    assert (vit.vision.kind, vit.vision.width, vit.vision.patch_size) == ("vit", 64, 16)
+    out = create_model(vit).encode_image(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, vit.embed_dim)
+    with pytest.raises(ValueError, match="image_tower"):
+        demo_model_config(600, DemoConfig(image_tower="mlp"))
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("auto") in ("bf16", "fp32")
+
+
 def test_demo_cli_parser():
     from clipforge.cli import demo
 
     parser = argparse.ArgumentParser()
     demo.register(parser.add_subparsers())
     args = parser.parse_args(["demo", "--minutes", "2", "--seed", "3", "--out", "x"])
-    assert (args.minutes, args.seed, args.out, args.func) == (2.0, 3, "x", demo.run)
+    assert (args.minutes, args.seed, args.out, args.threads, args.func) == (2.0, 3, "x", 1, demo.run)
 
 
 def test_train_experiment_on_synthetic_data_and_resume(tmp_path):

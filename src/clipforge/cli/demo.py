@@ -15,6 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_out", help="output folder (results.json, metrics, plots)")
     p.add_argument("--steps", type=int, default=None, help="fixed number of steps (overrides --minutes)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (1 is fastest for this tiny model; numbers depend on it)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -28,9 +34,11 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             out=args.out,
             steps=args.steps,
+            threads=args.threads,
             progress=not args.no_progress,
         )
     )
+    print("\nclipforge demo results")
     print(format_results(results))
     print(f"results: {args.out}/results.json, plots: {args.out}/plots/")
     return 0
