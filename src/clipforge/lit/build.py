@@ -109,7 +109,8 @@ def build_lit_model(
             text, dim, pooling=pooling, pretrained=policy.text.pretrained
         )
         tokenizer, keep = hf_tok, ("proj.weight",)  # the new head trains even when the encoder is locked
-        # A stand-in text config (eval reads context_length); the HF tower replaces the clipforge one.
+        # The text config only records context_length / vocab_size (eval reads them): the HF tower is
+        # passed to CLIP prebuilt, so no clipforge text tower of this shape is ever built.
         text_cfg = TextConfig(
             context_length=hf_tok.context_length, vocab_size=hf_tok.vocab_size, width=8, heads=1, layers=1
         )
@@ -137,10 +138,7 @@ def build_lit_model(
         text_cfg = dataclasses.replace(base.text, vocab_size=tokenizer.vocab_size, context_length=ctx)
 
     cfg = dataclasses.replace(base, embed_dim=dim, vision=vision, text=text_cfg)
-    model = CLIP(cfg)
-    model.visual = visual
-    if text_tower is not None:
-        model.text = text_tower
+    model = CLIP(cfg, visual_tower=visual, text_tower=text_tower)
     apply_policy(model, policy, text_keep_trainable=keep)
     return model, tokenizer
 

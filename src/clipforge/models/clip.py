@@ -29,12 +29,18 @@ class CLIPOutput:
 
 
 class CLIP(nn.Module):
-    def __init__(self, cfg: CLIPConfig) -> None:
+    """visual_tower / text_tower: prebuilt (e.g. pretrained, for LiT) towers used instead of building
+    them from cfg; they must map to cfg.embed_dim features and are never re-initialised here."""
+
+    def __init__(
+        self, cfg: CLIPConfig, visual_tower: nn.Module | None = None, text_tower: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.config = cfg
         tower = VisionTransformer if cfg.vision.kind == "vit" else ModifiedResNet
-        self.visual = tower(cfg.vision, cfg.embed_dim)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.visual = visual_tower if visual_tower is not None else tower(cfg.vision, cfg.embed_dim)
+        self.text = text_tower if text_tower is not None else TextTransformer(cfg.text, cfg.embed_dim)
+        self._prebuilt = (visual_tower is not None, text_tower is not None)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (
             None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
@@ -42,9 +48,11 @@ class CLIP(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """OpenAI's initialisation."""
-        self.visual.init_weights()
-        self.text.init_weights()
+        """OpenAI's initialisation (of the towers built here, not of prebuilt ones)."""
+        if not self._prebuilt[0]:
+            self.visual.init_weights()
+        if not self._prebuilt[1]:
+            self.text.init_weights()
         with torch.no_grad():
             self.logit_scale.fill_(self.config.init_logit_scale)
             if self.logit_bias is not None:
