@@ -41,7 +41,7 @@ def test_short_demo_writes_results_and_plots(tmp_path):
     for key in ("seen_top1", "unseen_top1"):
         assert 0.0 <= r[key] <= 1.0
     assert set(r["retrieval"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
-    for name in ("loss.png", "temperature.png", "lr.png", "eval.png"):
+    for name in ("loss.png", "temperature.png", "lr.png", "eval.png", "zeroshot.png"):
         assert (tmp_path / "a" / "plots" / name).stat().st_size > 0
     assert "unseen combinations (13)" in format_results(r)
     # same seed, same numbers (the step count never depends on timing)

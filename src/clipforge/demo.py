@@ -56,7 +56,7 @@ class DemoConfig:
     train_images: int = 30000
     eval_per_class: int = 20  # zero-shot images per combination (seen / unseen)
     retrieval_pairs: int = 500
-    eval_every: int = 0  # 0 = at the end only
+    eval_every: int | None = None  # None: 5 evaluations over the run (for the curves); 0: at the end only
     vocab_size: int = 640
     width: int = 128
     layers: int = 4
@@ -194,7 +194,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
         precision=precision,
         grad_clip=1.0,
         evaluators=evaluators,
-        eval_every=cfg.eval_every,
+        eval_every=(steps // 5 if steps >= 50 else 0) if cfg.eval_every is None else cfg.eval_every,
         checkpoint_every=0,
         keep_last=1,
         log_every=10,
@@ -231,7 +231,32 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - t0,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_accuracy(run_dir.metrics, results, out / "plots" / "zeroshot.png")
     return results
+
+
+def plot_accuracy(metrics_path: Path, results: dict[str, Any], path: Path) -> Path:
+    """Seen / unseen zero-shot top-1 over training steps against chance: the demo's one-glance plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r.get("kind") == "eval"]
+    steps = [r["step"] for r in evals]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("seen/acc1", "seen combinations"), ("unseen/acc1", "unseen combinations")):
+        ax.plot(steps, [100 * r[key] for r in evals], marker="o", label=label)
+    ax.axhline(
+        100 * results["chance"], color="gray", ls="--", label=f"chance ({100 * results['chance']:.1f}%)"
+    )
+    ax.set(xlabel="step", ylabel="zero-shot top-1 (%)", ylim=(0, 100), title="colour-shape zero-shot")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def format_results(r: dict[str, Any]) -> str:
