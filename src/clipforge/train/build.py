@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..config import get_config
 from ..data.memory import TensorPairs
 from ..models import create_model
+from .distributed import DistributedLoss, barrier, cleanup, init_distributed, is_main, wrap_ddp
 from .experiment import Experiment
 from .optim import build_optimizer, cosine_schedule
 from .runs import RunDir, seed_everything
@@ -70,13 +71,19 @@ def build_tokenizer(
         saved = Path(exp.run.output_dir) / "tokenizer"
         if resume and (saved / "vocab.json").is_file():
             return Tokenizer.load(saved)
-        texts = captions() if callable(captions) else captions
-        if not texts:
-            raise ValueError("model.tokenizer=bpe: no training captions to learn the vocabulary from")
         size = spec.vocab_size or get_config(spec.preset).text.vocab_size
-        tok = train_bpe(tqdm(texts, desc="training BPE", leave=False, disable=len(texts) < 50_000), size, ctx)
-        tok.save(saved)
-        return tok
+        # several processes: rank 0 trains and saves, the others load its files (BPE training is not
+        # guaranteed to break ties the same way in every process)
+        if is_main():
+            texts = captions() if callable(captions) else captions
+            if not texts:
+                raise ValueError("model.tokenizer=bpe: no training captions to learn the vocabulary from")
+            tok = train_bpe(
+                tqdm(texts, desc="training BPE", leave=False, disable=len(texts) < 50_000), size, ctx
+            )
+            tok.save(saved)
+        barrier()
+        return tok if is_main() else Tokenizer.load(saved)
     path = Path(kind)
     if not path.exists():
         raise FileNotFoundError(
@@ -207,7 +214,16 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     from .data_sources import SkipReport, TrainSource, file_evaluators
 
     seed_everything(exp.run.seed)
-    device = resolve_device(exp.train.device)
+    # torchrun: join the process group (NCCL/gloo); a single process otherwise. train.batch_size is global.
+    dist_info = init_distributed(resolve_device(exp.train.device))
+    device = dist_info.device
+    if exp.train.batch_size % dist_info.world_size:
+        raise ValueError(
+            f"train.batch_size={exp.train.batch_size} (the global batch) does not split over "
+            f"{dist_info.world_size} processes"
+        )
+    if exp.data.embedding_cache and dist_info.distributed:
+        raise NotImplementedError("data.embedding_cache trains in one process only for now (no torchrun)")
     ckpt_model = ckpt_preprocess = ckpt_tok = None
     if exp.model.checkpoint:
         from ..checkpoints import load
@@ -248,6 +264,8 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
             shuffle=exp.data.shuffle,
             workers=exp.data.workers,
             pin_memory=device.type == "cuda",
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
         )
         evaluators = synthetic_evaluators(sets, tokenizer)
     else:
@@ -262,8 +280,16 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
             model, tokenizer = build_lit(exp, tokenizer, image_source)
         ctx = model.config.text.context_length
         source.attach(_train_transform(exp, preprocess), tokenizer, ctx)
-        stream = source.stream(t.batch_size, exp.run.seed, pin_memory=device.type == "cuda")
-        data = SkipReport(stream, source.skips, run_dir.metrics, echo=tqdm.write if progress else print)
+        stream = source.stream(
+            t.batch_size,
+            exp.run.seed,
+            pin_memory=device.type == "cuda",
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
+        echo = (tqdm.write if progress else print) if dist_info.is_main else (lambda msg: None)
+        metrics = run_dir.metrics if dist_info.is_main else None  # rank 0 alone writes
+        data = SkipReport(stream, source.skips, metrics, echo=echo)
         evaluators = file_evaluators(exp, eval_transform(preprocess), tokenizer)
     model = model.to(device)
     if t.grad_checkpointing:
@@ -276,13 +302,15 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps))
         )
+    model = wrap_ddp(model)  # several processes: DDP (after the optimizer saw the plain parameter names)
+    loss = DistributedLoss(t.loss, t.loss_mode, t.lam)  # one process: exactly get_loss(t.loss)
     if exp.data.embedding_cache:  # batches of {"image_embedding", "text"}: the image tower never runs
         from ..lit.step import make_lit_step_fn
 
-        step_fn = make_lit_step_fn(t.loss, lam=t.lam, accum_steps=t.accum_steps)
+        step_fn = make_lit_step_fn(loss, lam=t.lam, accum_steps=t.accum_steps)
     else:
         step_fn = make_step_fn(
-            t.loss,
+            loss,
             lam=t.lam,
             accum_steps=t.accum_steps,
             mask_ratio=t.mask_ratio,
@@ -335,8 +363,12 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preproc
 
 def run_experiment(exp: Experiment, resume: bool = False, progress: bool = True) -> TrainResult:
     built = build_trainer(exp, progress=progress, resume=resume)
-    result = built.trainer.fit(resume=resume)
-    if hasattr(built.data, "finish"):
-        built.data.finish()  # the skip counts of the epoch the run ended in
-    export_model(built.trainer.model, built.tokenizer, exp.run.output_dir, built.preprocess)
+    try:
+        result = built.trainer.fit(resume=resume)
+        if hasattr(built.data, "finish"):
+            built.data.finish()  # the skip counts of the epoch the run ended in
+        if is_main():
+            export_model(built.trainer.module, built.tokenizer, exp.run.output_dir, built.preprocess)
+    finally:
+        cleanup()  # leave the process group (torchrun runs); nothing in a single process
     return result

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..data import PairDataset, SkipCounter, open_pairs, read_folder, read_manifest
 from ..data.wds import WebDatasetPairs, shard_urls
 from ..transforms import ImageLoadError, load_image
+from .distributed_data import check_shard_split
 from .experiment import Experiment
 from .trainer import BatchStream, IterableBatchStream, _forked_rng, _seed_for
 
@@ -98,15 +99,27 @@ class TrainSource:
             self.pairs.transform = transform
 
     def stream(
-        self, batch_size: int, seed: int, pin_memory: bool = False
+        self, batch_size: int, seed: int, pin_memory: bool = False, rank: int = 0, world_size: int = 1
     ) -> BatchStream | IterableBatchStream:
+        """batch_size is the global batch; with several processes each loads its share: rows of the global
+        batches (files), or batch_size / world_size pairs from its own shards (WebDataset)."""
         d = self.exp.data
         if isinstance(self.pairs, PairDataset):
             return BatchStream(
-                self.pairs, batch_size, seed=seed, shuffle=d.shuffle, workers=d.workers, pin_memory=pin_memory
+                self.pairs,
+                batch_size,
+                seed=seed,
+                shuffle=d.shuffle,
+                workers=d.workers,
+                pin_memory=pin_memory,
+                rank=rank,
+                world_size=world_size,
             )
+        check_shard_split(len(self.pairs.urls), world_size)  # a rank without shards would hang the job
         return IterableBatchStream(
-            SeededTransformStream(self.pairs, self.transform, seed), batch_size, workers=d.workers
+            SeededTransformStream(self.pairs, self.transform, seed),
+            batch_size // world_size,
+            workers=d.workers,
         )
 
 

@@ -96,6 +96,9 @@ class TrainSpec:
     unmasked_steps: int = 0  # FLIP's unmasked tuning: the last N steps run with mask_ratio 0
     loss: Literal["clip", "siglip"] = "clip"
     lam: float = 0.5  # ConVIRT weighting of image->text vs text->image (CLIP: 0.5)
+    # several processes (torchrun): "global" = every rank's pairs against the whole gathered batch (the
+    # single-process loss of train.batch_size); "local" = within each rank's share only (LiT's comparison)
+    loss_mode: Literal["global", "local"] = "global"
     max_nonfinite: int = 5  # stop after this many consecutive non-finite losses
     device: str = "auto"  # "auto" = cuda when available
 

@@ -1,0 +1,96 @@
+"""`clipforge train` under 2 gloo ranks (what torchrun starts): the same losses as one process with the same
+global batch, rank 0 alone writes, and a 1-process --resume continues the 2-rank run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clipforge.tokenizer import train_bpe
+from clipforge.train.build import run_experiment, synthetic_data
+from clipforge.train.experiment import load_experiment
+
+
+def _overrides(out, steps, tokenizer):
+    return [
+        "model.preset=tiny-vit",
+        f"model.tokenizer={tokenizer}",  # one saved BPE for all runs (its training may differ per process)
+        "model.context_length=16",
+        "data.synthetic_train=64",
+        "data.synthetic_val=32",
+        "train.batch_size=16",  # global: 8 per rank with 2 ranks
+        f"train.steps={steps}",
+        "train.device=cpu",
+        "optim.schedule=constant",  # the rate does not depend on train.steps: runs of 3 and 4 steps agree
+        "optim.warmup_steps=1",
+        "run.log_every=1",
+        "run.checkpoint_every=1",
+        "run.keep_last=5",
+        "run.tensorboard=false",
+        f"run.output_dir={out}",
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, tokenizer: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    res = run_experiment(load_experiment(None, _overrides(out, 3, tokenizer)), progress=False)
+    torch.save({"losses": res.losses, "step": res.step}, os.path.join(out, f"result{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_train")
+    torch.set_num_threads(1)
+    exp = load_experiment(None, [*_overrides(root / "single", 4, "bpe"), "model.vocab_size=600"])
+    _images, captions, _sets = synthetic_data(exp, 32)
+    tok = root / "tokenizer"
+    train_bpe(captions, 600, 16).save(tok)
+    single = run_experiment(load_experiment(None, _overrides(root / "single", 4, tok)), progress=False)
+    mp.spawn(_worker, args=(2, _free_port(), str(root / "ddp"), str(tok)), nprocs=2, join=True)
+    ranks = [torch.load(root / "ddp" / f"result{r}.pt") for r in range(2)]
+    return root, single, ranks
+
+
+def test_two_ranks_train_like_one_process_with_the_global_batch(runs):
+    _root, single, ranks = runs
+    for r in ranks:
+        assert r["step"] == 3
+        assert r["losses"] == pytest.approx(single.losses[:3], rel=1e-4)
+
+
+def test_rank_zero_alone_writes(runs):
+    root, _single, _ranks = runs
+    lines = [json.loads(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x.get("kind") == "train"] == [1, 2, 3]  # not once per rank
+    assert sorted(p.name for p in (root / "ddp" / "checkpoints").iterdir()) == [
+        f"step-{s:08d}.pt" for s in (1, 2, 3)
+    ]
+    ckpt = torch.load(root / "ddp" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # loadable without DDP
+
+
+def test_resume_with_another_world_size(runs):
+    """The 2-rank run's checkpoint continues in one process: step 4 as in the uninterrupted 1-process run."""
+    root, single, _ranks = runs
+    exp = load_experiment(None, _overrides(root / "ddp", 4, root / "tokenizer"))
+    res = run_experiment(exp, resume=True, progress=False)
+    assert res.step == 4 and len(res.losses) == 1
+    assert res.losses[0] == pytest.approx(single.losses[3], rel=1e-4)
