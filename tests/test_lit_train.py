@@ -149,3 +149,10 @@ def test_cache_of_another_tower_or_data_is_refused(tmp_path, tower_dir):
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_experiment(None, overrides)
+
+
+def test_example_config_parses():
+    from pathlib import Path
+
+    exp = load_experiment(Path(__file__).parents[1] / "examples" / "lit_lu.yaml")
+    assert exp.model.lit == "Lu" and exp.data.embedding_cache
