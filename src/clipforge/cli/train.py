@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.build import run_experiment
+    from ..train.distributed import is_main
     from ..train.experiment import load_experiment
     from ..train.trainer import NonFiniteLossError, TrainingInterrupted
 
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"clipforge train: error: {e}")
         return 1
     out = exp.run.output_dir
+    if not is_main():  # torchrun: the other ranks stay quiet
+        return 0
     print(f"trained {result.step} steps in {result.seconds:.0f} s; run directory: {out}")
     print(f"  model: {out}/model (clipforge.load), metrics: {out}/metrics.jsonl, plots: {out}/plots/")
     for k, v in result.eval.items():

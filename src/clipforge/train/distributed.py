@@ -115,11 +115,16 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """The process group's rank, else torchrun's RANK (before init, after cleanup), else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return _env_int("RANK", 0)
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _env_int("WORLD_SIZE", 1)
 
 
 def is_main() -> bool:
