@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..data import PairDataset, SkipCounter, open_pairs, read_folder, read_manifest
 from ..data.wds import WebDatasetPairs, shard_urls
 from ..transforms import ImageLoadError, load_image
-from .distributed_data import check_shard_split
+from .distributed_data import DistributedWebDataset, check_shard_split
 from .experiment import Experiment
 from .trainer import BatchStream, IterableBatchStream, _forked_rng, _seed_for
 
@@ -61,8 +61,9 @@ class TrainSource:
         d = exp.data
         self.kind, self.path, self.exp = d.kind, d.train, exp
         if d.kind == "webdataset":
-            self.pairs: PairDataset | WebDatasetPairs = WebDatasetPairs(
+            self.pairs: PairDataset | WebDatasetPairs = DistributedWebDataset(
                 d.train,
+                split=d.split,
                 shuffle_buffer=d.shuffle_buffer if d.shuffle else 0,
                 shuffle_shards=d.shuffle,
                 seed=exp.run.seed,
@@ -115,7 +116,8 @@ class TrainSource:
                 rank=rank,
                 world_size=world_size,
             )
-        check_shard_split(len(self.pairs.urls), world_size)  # a rank without shards would hang the job
+        if d.split == "epoch":  # a rank without shards would hang the job: stop every rank now instead
+            check_shard_split(len(self.pairs.urls), world_size)
         return IterableBatchStream(
             SeededTransformStream(self.pairs, self.transform, seed),
             batch_size // world_size,

@@ -64,6 +64,9 @@ class DataSpec:
     augment: Literal["none", "square_crop", "random_resized_crop"] = "random_resized_crop"
     shuffle: bool = True  # seeded: the same run.seed gives the same order
     shuffle_buffer: int = 1000  # webdataset: samples in the seeded shuffle buffer
+    # webdataset over several processes: "epoch" = shards split over ranks and workers, each sample once per
+    # epoch (needs shards >= processes); "resampled" = shards drawn with replacement per rank and worker
+    split: Literal["epoch", "resampled"] = "epoch"
     workers: int = 0  # DataLoader worker processes
     # LiT with an L image tower: precomputed embeddings (`clipforge cache-embeddings`, same tower and
     # data); training reads them and never runs the image tower. Synthetic data only for now.
