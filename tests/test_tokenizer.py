@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import pickle
 import random
@@ -375,3 +376,64 @@ def test_bounded_cache_keeps_ids(ref, monkeypatch):
     for text in CORPUS[:100]:
         assert small.encode(text) == ref.encode(text)
         assert len(small._cache) <= 8
+
+
+def _naive_bpe(word_counts: dict[str, int], num_merges: int, min_frequency: int = 2) -> list[tuple[str, str]]:
+    """Textbook BPE (Sennrich et al.): recount every pair after every merge; ties -> smallest pair."""
+    words = {(*tuple(w[:-1]), w[-1] + "</w>"): n for w, n in word_counts.items()}
+    merges = []
+    while len(merges) < num_merges:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols, n in words.items():
+            for pair in itertools.pairwise(symbols):
+                counts[pair] = counts.get(pair, 0) + n
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        if counts[best] < min_frequency:
+            break
+        merges.append(best)
+        merged = {}
+        for symbols, n in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+    return merges
+
+
+def test_bpe_trainer_equals_textbook_bpe():
+    from clipforge.bpe_train import _count_words, learn_merges
+
+    counts = _count_words(_captions(400, seed=3) + ["aaaa aaa aa", "ababab abab"] * 3, "openai")
+    assert learn_merges(counts, 300) == _naive_bpe(counts, 300)
+
+
+def test_train_bpe_is_identical_across_processes():
+    """Hash randomisation must not change the vocabulary (distributed ranks train it independently)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); from test_tokenizer import _captions; "
+        "from clipforge.tokenizer import train_bpe; "
+        "print(json.dumps(train_bpe(_captions(500, seed=5), vocab_size=650).merges))"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2, 3)
+    }
+    assert len(outs) == 1
