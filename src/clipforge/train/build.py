@@ -350,11 +350,21 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     return Built(trainer, tokenizer, preprocess, data)
 
 
-def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preprocess=None) -> Path:
-    """save_pretrained into out_dir/model: `clipforge.load(out_dir / "model")` gives the model back."""
+def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preprocess=None) -> Path | None:
+    """save_pretrained into out_dir/model: `clipforge.load(out_dir / "model")` gives the model back.
+
+    A LiT model with a HF text tower has no clipforge checkpoint format yet: nothing is exported (the
+    run's checkpoints hold its weights) and None is returned."""
     from ..checkpoints import save_pretrained
+    from ..models.hf_text import HFTextEncoder
     from ..transforms import PreprocessConfig
 
+    if isinstance(model.text, HFTextEncoder):
+        print(
+            f"note: {out_dir}/model not written: a HF text tower has no clipforge checkpoint format yet; "
+            f"the weights are in the run checkpoints under {out_dir}"
+        )
+        return None
     path = Path(out_dir) / "model"
     preprocess = preprocess or PreprocessConfig(model.config.vision.image_size)
     save_pretrained(model, path, tokenizer=tokenizer, preprocess=preprocess)
