@@ -138,7 +138,7 @@ PRESETS: dict[str, CLIPConfig] = {
         vision=VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 1, 1, 1), heads=8),
         text=TextConfig(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
     ),
-    # ~8M parameters: the built-in demo's model (its own small BPE vocabulary).
+    # A small ViT CLIP (~4M parameters, its own small BPE vocabulary); the demo takes its text settings.
     "demo-vit": CLIPConfig(
         embed_dim=128,
         vision=VisionConfig(kind="vit", image_size=64, width=192, layers=4, heads=3, patch_size=8),
