@@ -44,6 +44,11 @@ def test_short_demo_writes_results_and_plots(tmp_path):
     for name in ("loss.png", "temperature.png", "lr.png", "eval.png", "zeroshot.png"):
         assert (tmp_path / "a" / "plots" / name).stat().st_size > 0
     assert "unseen combinations (13)" in format_results(r)
+    # the exported model loads with its own vocabulary and the demo's 64 px preprocessing
+    from clipforge import load
+
+    model, preprocess, tok = load(r["model_dir"])
+    assert tok.vocab_size == model.config.text.vocab_size and preprocess.config.image_size == 64
     # same seed, same numbers (the step count never depends on timing)
     r2 = run_demo(DemoConfig(out=str(tmp_path / "b"), **TINY))
     for key in ("seen_top1", "unseen_top1", "final_loss", "retrieval"):

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .checkpoints import save_pretrained
 from .config import VisionConfig, get_config
 from .data.memory import TensorPairs
 from .eval import RetrievalEvaluator, ZeroShotEvaluator
@@ -33,6 +34,7 @@ from .train.optim import build_optimizer, cosine_schedule
 from .train.runs import RunDir, seed_everything
 from .train.step import make_step_fn
 from .train.trainer import BatchStream, Trainer
+from .transforms import PreprocessConfig
 
 # Optimizer steps per second of the default demo model (batch 128, one thread, bf16 autocast) assumed for
 # the step budget: steps = (minutes * 60 - OVERHEAD_S) * ASSUMED_STEPS_PER_S. Measured on the 2-core
@@ -229,7 +231,10 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
         "final_loss": result.losses[-1],
         "train_seconds": train_s,
         "wall_seconds": time.perf_counter() - t0,
+        "model_dir": str(out / "model"),
     }
+    # The trained model, loadable by `clipforge.load` and every `clipforge eval` command.
+    save_pretrained(model, out / "model", tokenizer=tokenizer, preprocess=PreprocessConfig(cfg.image_size))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_accuracy(run_dir.metrics, results, out / "plots" / "zeroshot.png")
     return results

@@ -40,5 +40,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print("\nclipforge demo results")
     print(format_results(results))
-    print(f"results: {args.out}/results.json, plots: {args.out}/plots/")
+    print(f"results: {args.out}/results.json, plots: {args.out}/plots/, model: {args.out}/model/")
     return 0
