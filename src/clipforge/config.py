@@ -35,7 +35,9 @@ class VisionConfig:
             if not isinstance(self.layers, int):
                 raise ValueError(f"ViT layers must be an int, got {self.layers!r}")
             if self.image_size % self.patch_size:
-                raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+                raise ValueError(
+                    f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                )
             if self.width % self.heads:
                 raise ValueError(f"vision width {self.width} is not divisible by heads {self.heads}")
         elif self.kind == "resnet":
@@ -102,7 +104,9 @@ class CLIPConfig:
 def _rn(embed: int, size: int, layers: tuple[int, int, int, int], width: int, text_width: int) -> CLIPConfig:
     return CLIPConfig(
         embed_dim=embed,
-        vision=VisionConfig(kind="resnet", image_size=size, width=width, layers=layers, heads=width * 32 // 64),
+        vision=VisionConfig(
+            kind="resnet", image_size=size, width=width, layers=layers, heads=width * 32 // 64
+        ),
         text=TextConfig(width=text_width, heads=text_width // 64, layers=12),
     )
 
@@ -110,8 +114,9 @@ def _rn(embed: int, size: int, layers: tuple[int, int, int, int], width: int, te
 def _vit(embed: int, size: int, width: int, layers: int, patch: int, text_width: int) -> CLIPConfig:
     return CLIPConfig(
         embed_dim=embed,
-        vision=VisionConfig(kind="vit", image_size=size, width=width, layers=layers, heads=width // 64,
-                            patch_size=patch),
+        vision=VisionConfig(
+            kind="vit", image_size=size, width=width, layers=layers, heads=width // 64, patch_size=patch
+        ),
         text=TextConfig(width=text_width, heads=text_width // 64, layers=12),
     )
 
@@ -152,7 +157,17 @@ PRESETS: dict[str, CLIPConfig] = {
     ),
 }
 
-PAPER_PRESETS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
+PAPER_PRESETS = (
+    "RN50",
+    "RN101",
+    "RN50x4",
+    "RN50x16",
+    "RN50x64",
+    "ViT-B-32",
+    "ViT-B-16",
+    "ViT-L-14",
+    "ViT-L-14-336",
+)
 
 
 def list_models() -> list[str]:

@@ -14,7 +14,9 @@ COMMANDS = ("info", "train", "demo", "eval", "convert", "shards", "lit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipforge", description="Train, evaluate and use CLIP-style models.")
+    parser = argparse.ArgumentParser(
+        prog="clipforge", description="Train, evaluate and use CLIP-style models."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
