@@ -59,7 +59,6 @@ TEMPLATES = [
     "a simple illustration of a {c}.",
 ]
 SHIFTED = [s for s in SHIFTS if s != "none"]
-PROBE_SHOTS = (2, 8)  # plain few-shot probes that join the full probe in the robustness baseline
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-per-class", type=int, default=10, help="test images per class (and per shift)")
     p.add_argument("--ks", default="1,2,4,8,16")
     p.add_argument("--fewshot-seeds", type=int, default=3)
+    p.add_argument(
+        "--probe-shots", default="2,8", help="plain k-shot probes that join the full probe in the baseline"
+    )
+    p.add_argument("--colours", help="comma list (default: all 8); fewer colours/shapes = fewer classes")
+    p.add_argument("--shapes", help="comma list (default: all 8)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -144,6 +148,7 @@ def train_snapshots(shapes: ShapesConfig, args: argparse.Namespace, out: Path) -
         eval_every=every,
         checkpoint_every=0,
         after_step=lambda m: m.clamp_logit_scale(),
+        scalars=lambda m: {"logit_scale": m.logit_scale.exp().item()},
         progress=not args.quiet,
     )
     result = trainer.fit()
@@ -156,7 +161,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(-1).cpu() == y).double().mean().item()
 
 
-def analyse(model_dir: Path, data: dict, progress: bool) -> dict:
+def analyse(model_dir: Path, data: dict, probe_shots: list[int], progress: bool) -> dict:
     """Zero-shot and probe accuracies of one model on the test set ("in") and every shifted set."""
     model, preprocess, tokenizer = load(model_dir)
     sets = {"in": data["test"], **data["shifted"]}
@@ -172,7 +177,7 @@ def analyse(model_dir: Path, data: dict, progress: bool) -> dict:
         "zero-shot": (clf, torch.zeros(len(classnames))),
         "probe": (probes["probe"].weight, probes["probe"].bias),
     }
-    for k in PROBE_SHOTS:
+    for k in probe_shots:
         idx = sample_k_shot(ytr, k, seed=0)
         w, b, _ = few_shot_probe(xtr[idx].double(), ytr[idx], len(classnames))
         classifiers[f"probe-k{k}"] = (w, b)
@@ -274,7 +279,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     t0 = time.perf_counter()
     out = Path(args.out)
-    shapes = ShapesConfig(image_size=64, seed=args.seed, p_single=0.8, p_count=0.1)
+    kinds = {k: tuple(getattr(args, k).split(",")) for k in ("colours", "shapes") if getattr(args, k)}
+    shapes = ShapesConfig(image_size=64, seed=args.seed, p_single=0.8, p_count=0.1, **kinds)
 
     print("writing class-folder sets ...", flush=True)
     data = write_data(shapes, out / "data", args.train_per_class, args.test_per_class)
@@ -282,7 +288,8 @@ def main(argv=None) -> int:
     final = snapshots[-1]
 
     print(f"probes and zero-shot on {len(snapshots)} model(s) ...", flush=True)
-    rows = {p.name: analyse(p, data, progress=not args.quiet) for p in snapshots}
+    shots = [int(k) for k in args.probe_shots.split(",") if k]
+    rows = {p.name: analyse(p, data, shots, progress=not args.quiet) for p in snapshots}
     lines = baseline_lines(rows)
     pts = {}
     for name, accs in rows.items():
