@@ -125,7 +125,7 @@ def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pre
                 model,
                 tokenizer,
                 classnames,
-                load_templates(spec.get("templates", "default")),
+                load_templates(spec.get("templates", "default"), spec.get("template_dataset")),
                 sets,
                 batch_size=bs,
             )
