@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from .seeding import forked_rng
 
 CACHE_FORMAT = "clipforge-embeddings"
 INDEX_FILE = "index.json"
@@ -66,20 +66,6 @@ def _mismatch(found: Mapping[str, Any], expected: Mapping[str, Any], where: Path
         return None
     parts = [f"{k}: cache has {found.get(k)!r}, expected {expected.get(k)!r}" for k in diffs]
     return f"{where}: the embedding cache was made differently ({'; '.join(parts)})"
-
-
-@contextmanager
-def _seeded(seed: int):
-    state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state[0])
-        random.setstate(state[1])
-        np.random.set_state(state[2])
 
 
 def _image_of(item: Any) -> torch.Tensor:
@@ -162,7 +148,7 @@ def cache_embeddings(
                         idx = range(b, min(b + batch_size, start + count))
                         imgs = []
                         for i in idx:
-                            with _seeded(_view_seed(seed, view, i)):
+                            with forked_rng(_view_seed(seed, view, i)):
                                 imgs.append(_image_of(dataset[i]))
                         emb = tower(torch.stack(imgs).to(device)).float().cpu().numpy()  # (b, D)
                         if arr is None:

@@ -23,11 +23,12 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ..data import PairDataset, SkipCounter, open_pairs, read_folder, read_manifest
+from ..data.seeding import forked_rng
 from ..data.wds import WebDatasetPairs, shard_urls
 from ..transforms import ImageLoadError, load_image
 from .distributed_data import DistributedWebDataset, check_shard_split
 from .experiment import Experiment
-from .trainer import BatchStream, IterableBatchStream, _forked_rng, _seed_for
+from .trainer import BatchStream, IterableBatchStream, _seed_for
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -49,7 +50,7 @@ class SeededTransformStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         for n, item in enumerate(self.pairs):
-            with _forked_rng(_seed_for(self.seed, self.epoch, (worker << 40) + n)):
+            with forked_rng(_seed_for(self.seed, self.epoch, (worker << 40) + n)):
                 image = self.transform(item["image"])
             yield {"image": image, "text": item["text"]}
 

@@ -14,7 +14,6 @@ at the end and on SIGTERM/SIGINT), metrics and the progress bar.
 from __future__ import annotations
 
 import math
-import random
 import signal
 import threading
 import time
@@ -24,11 +23,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from ..data.seeding import forked_rng
 from .distributed import any_rank, is_main
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .runs import RunDir, load_checkpoint, rng_state, set_rng_state
@@ -50,21 +49,6 @@ def _seed_for(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF
 
 
-@contextmanager
-def _forked_rng(seed: int):
-    """Run a block with all global RNGs seeded to `seed`, restoring them afterwards."""
-    state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state[0])
-        random.setstate(state[1])
-        np.random.set_state(state[2])
-
-
 class _SeededItems(Dataset):
     """dataset[(epoch, i)] = dataset[i] with random augmentation seeded by (seed, epoch, i).
 
@@ -80,7 +64,7 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        with _forked_rng(_seed_for(self.seed, epoch, i)):
+        with forked_rng(_seed_for(self.seed, epoch, i)):
             return self.dataset[i]
 
 
