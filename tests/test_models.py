@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,10 @@ from torch import nn
 from clipforge import CLIPOutput, create_model, get_config, list_models
 from clipforge.config import PAPER_PRESETS
 from clipforge.models.transformer import LayerNorm
+from reference_paths import OPENAI_KEYS
 
 SMALL_PRESETS = [name for name in list_models() if name not in PAPER_PRESETS]
-KEYS_FILE = Path("/work/shared/reference/openai_state_dict_keys.txt")
+KEYS_FILE = OPENAI_KEYS
 
 
 def _reference_param_counts() -> dict[str, int]:
