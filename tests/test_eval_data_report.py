@@ -102,3 +102,6 @@ def test_report_shape():
     lines = table.strip().splitlines()
     assert lines[0].split("|")[5:8] == [" acc1 ", " acc5 ", " text_retrieval_recall@1 "]
     assert "| 50.00 | 90.00 |  |" in lines[2] and lines[3].endswith("|  |  | 25.00 |")
+    # a non-fraction metric (the probe's chosen regularisation) is printed as it is, not as a percentage
+    probe = markdown_table([result_record("digits", "m", "linear_probe", {"acc1": 0.9, "lambda": 3.6e-4})])
+    assert probe.strip().splitlines()[2].endswith("| 90.00 | 0.00036 |")

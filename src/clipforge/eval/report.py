@@ -35,7 +35,8 @@ def _scalar_metrics(metrics: dict) -> dict[str, float]:
 
 
 def markdown_table(records: Sequence[dict], digits: int = 2) -> str:
-    """One row per result, one column per scalar metric (values in %, as the paper reports)."""
+    """One row per result, one column per scalar metric: accuracies and recalls in % (as the paper
+    reports them), anything else (a regularisation strength, a count) as it is."""
     cols: list[str] = []
     for r in records:
         cols += [k for k in _scalar_metrics(r["metrics"]) if k not in cols]
@@ -43,11 +44,17 @@ def markdown_table(records: Sequence[dict], digits: int = 2) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         m = _scalar_metrics(r["metrics"])
-        vals = [f"{m[c] * 100:.{digits}f}" if c in m else "" for c in cols]
+        vals = [_format_metric(c, m[c], digits) if c in m else "" for c in cols]
         lines.append(
             "| " + " | ".join([r["model"], r.get("pretrained", ""), r["dataset"], r["task"], *vals]) + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _format_metric(name: str, value: float, digits: int) -> str:
+    if any(word in name for word in ("acc", "recall", "robustness")):
+        return f"{value * 100:.{digits}f}"
+    return f"{value:.4g}"
 
 
 def per_class_table(classnames: Sequence[str], recall: torch.Tensor) -> str:
