@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	# Test-only references, installed without their dependencies (they would pull torchvision):
-	# OpenAI's `clip` package (reference model + tokenizer + vocabulary) and open_clip_torch (its vocabulary).
-	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt openai-clip==1.0.1 open_clip_torch==3.3.0
+	# OpenAI's `clip` package (reference model + tokenizer + vocabulary), open_clip_torch (its vocabulary)
+	# and clip_benchmark (its class-name and prompt files).
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt openai-clip==1.0.1 open_clip_torch==3.3.0 clip-benchmark==1.6.2
 	touch $(STAMP)
 
 demo: setup

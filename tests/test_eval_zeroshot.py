@@ -108,13 +108,30 @@ def test_templates_and_classnames_files(tmp_path):
     assert load_classnames(tmp_path / "list.json") == ["x", "y"]
 
 
-def test_clip_benchmark_absent_is_a_clear_error():
+def test_clip_benchmark_absent_is_a_clear_error(monkeypatch):
     import importlib.metadata
 
-    try:
-        importlib.metadata.distribution("clip_benchmark")
-        pytest.skip("clip_benchmark is installed here")
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="clip_benchmark is not installed"):
         load_templates("clip_benchmark", "cifar10")
+
+
+def test_clip_benchmark_files_found_through_package_metadata():
+    """CLIP_benchmark's own class-name and template files, located without importing the package."""
+    import importlib.metadata
+    import json
+
+    from clipforge.eval.templates import load_classnames, load_templates
+
+    try:
+        dist = importlib.metadata.distribution("clip_benchmark")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("clip_benchmark not installed (make setup installs it with --no-deps)")
+    root = dist.locate_file("clip_benchmark/datasets")
+    names = json.loads((root / "en_classnames.json").read_text())["flowers"]
+    templates = json.loads((root / "en_zeroshot_classification_templates.json").read_text())["cifar10"]
+    assert load_classnames("clip_benchmark", "flowers") == names and len(names) == 102
+    assert load_templates("clip_benchmark", dataset="cifar10") == templates
