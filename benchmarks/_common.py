@@ -6,6 +6,7 @@ the machine and on whatever else runs on it; the JSON records the environment ne
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -20,6 +21,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_timing_args(p: argparse.ArgumentParser, min_repeats: int, min_seconds: float) -> None:
+    """The timing options every benchmark shares (threads, clock, warm-up, repeats)."""
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the thread's CPU time (needs --threads 1): robust to other processes on the machine",
+    )
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-repeats", type=int, default=min_repeats)
+    p.add_argument("--min-seconds", type=float, default=min_seconds)
 
 
 def time_call(

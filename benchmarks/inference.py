@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import count_flops, format_table, matmul_peak, time_call, write_json
+from _common import add_timing_args, count_flops, format_table, matmul_peak, time_call, write_json
 from clipforge import create_model
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -133,15 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--caption-tokens", type=int, default=20, help="caption length incl. SOT and EOT")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument(
-        "--cpu-time",
-        action="store_true",
-        help="time by the thread's CPU time (needs --threads 1): robust to other processes on the machine",
-    )
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--min-repeats", type=int, default=3)
-    p.add_argument("--min-seconds", type=float, default=2.0)
+    add_timing_args(p, min_repeats=3, min_seconds=2.0)
     p.add_argument(
         "--out", default="inference.json", help="JSON file (relative names go to benchmarks/results/)"
     )

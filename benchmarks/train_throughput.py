@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, matmul_peak, time_call, write_json
+from _common import add_timing_args, format_table, matmul_peak, time_call, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (label, preset, implementation, precision, mask ratio, full-context captions)
@@ -245,15 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", help="run only rows whose label starts with one of these")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--caption-tokens", type=int, default=20, help="longest caption, SOT and EOT included")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument(
-        "--cpu-time",
-        action="store_true",
-        help="time by the thread's CPU time (needs --threads 1): robust to other processes on the machine",
-    )
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--min-repeats", type=int, default=5)
-    p.add_argument("--min-seconds", type=float, default=5.0)
+    add_timing_args(p, min_repeats=5, min_seconds=5.0)
     p.add_argument("--out", default="train_throughput.json", help="relative names go to benchmarks/results/")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row's spec as JSON
     args = p.parse_args(argv)
