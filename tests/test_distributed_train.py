@@ -42,7 +42,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, tokenizer: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, tokenizer: str, extra: tuple = ()) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, port: int, out: str, tokenizer: str) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    res = run_experiment(load_experiment(None, _overrides(out, 3, tokenizer)), progress=False)
+    res = run_experiment(load_experiment(None, [*_overrides(out, 3, tokenizer), *extra]), progress=False)
     torch.save({"losses": res.losses, "step": res.step}, os.path.join(out, f"result{rank}.pt"))
 
 
@@ -92,5 +92,36 @@ def test_resume_with_another_world_size(runs):
     root, single, _ranks = runs
     exp = load_experiment(None, _overrides(root / "ddp", 4, root / "tokenizer"))
     res = run_experiment(exp, resume=True, progress=False)
+    assert res.step == 4 and len(res.losses) == 1
+    assert res.losses[0] == pytest.approx(single.losses[3], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+@pytest.fixture(scope="module")
+def fsdp_run(runs):
+    root, single, _ranks = runs
+    out = root / "fsdp"
+    extra = ("train.strategy=fsdp", "train.fsdp_unit=block")
+    mp.spawn(_worker, args=(2, _free_port(), str(out), str(root / "tokenizer"), extra), nprocs=2, join=True)
+    return root, single, [torch.load(out / f"result{r}.pt") for r in range(2)]
+
+
+def test_fsdp_two_ranks_train_like_one_process(fsdp_run):
+    _root, single, ranks = fsdp_run
+    for r in ranks:
+        assert r["step"] == 3
+        assert r["losses"] == pytest.approx(single.losses[:3], rel=1e-4)
+
+
+def test_fsdp_checkpoint_is_consolidated_and_resumes_in_one_process(fsdp_run):
+    root, single, _ranks = fsdp_run
+    ckpt = torch.load(root / "fsdp" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    plain = torch.load(root / "ddp" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    assert ckpt["model"].keys() == plain["model"].keys()  # the layout of a plain model.state_dict()
+    assert all(type(v) is torch.Tensor for v in ckpt["model"].values())  # full tensors, no DTensor shards
+    assert ckpt["optimizer"]["state"].keys() == plain["optimizer"]["state"].keys()
+    assert (root / "fsdp" / "model" / "model.safetensors").is_file()  # exported from the gathered weights
+    res = run_experiment(load_experiment(None, _overrides(root / "fsdp", 4, root / "tokenizer")), resume=True,
+                         progress=False)  # fmt: skip
     assert res.step == 4 and len(res.losses) == 1
     assert res.losses[0] == pytest.approx(single.losses[3], rel=1e-4)

@@ -20,7 +20,18 @@ from tqdm.auto import tqdm
 from ..config import get_config
 from ..data.memory import TensorPairs
 from ..models import create_model
-from .distributed import DistributedLoss, barrier, cleanup, init_distributed, is_main, wrap_ddp
+from .distributed import (
+    DistributedLoss,
+    barrier,
+    cleanup,
+    init_distributed,
+    is_fsdp,
+    is_main,
+    meta_copy,
+    model_state_dict,
+    shard_fsdp,
+    wrap_ddp,
+)
 from .experiment import Experiment
 from .optim import build_optimizer, cosine_schedule
 from .runs import RunDir, seed_everything
@@ -198,6 +209,19 @@ class Built:
     tokenizer: Any
     preprocess: Any  # PreprocessConfig of the model's inputs (exported with it)
     data: Any  # the batch stream (SkipReport for file sources)
+    export_template: Any = None  # FSDP2: rank 0's meta-device copy of the model (see exported_module)
+
+    def exported_module(self) -> torch.nn.Module | None:
+        """The trained model as a plain module on rank 0 (None elsewhere). FSDP2: gathers the shards, so
+        every rank must call it."""
+        module = self.trainer.module
+        if not is_fsdp(module):
+            return module if is_main() else None
+        state = model_state_dict(module)  # collective: rank 0 receives the consolidated weights
+        if not is_main():
+            return None
+        self.export_template.load_state_dict(state, assign=True)
+        return self.export_template
 
 
 def _train_transform(exp: Experiment, cfg):
@@ -294,6 +318,12 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     model = model.to(device)
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    export_template = None
+    if t.strategy == "fsdp" and dist_info.distributed:
+        # FSDP2 replaces the parameters by sharded ones: shard before the optimizer sees them. A meta-device
+        # copy (no memory) receives the gathered weights on rank 0 to export the trained model.
+        export_template = meta_copy(model) if dist_info.is_main else None
+        model = shard_fsdp(model, unit=t.fsdp_unit)
     o = exp.optim
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     if o.schedule == "cosine":
@@ -302,7 +332,8 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps))
         )
-    model = wrap_ddp(model)  # several processes: DDP (after the optimizer saw the plain parameter names)
+    if t.strategy == "ddp":
+        model = wrap_ddp(model)  # several processes: DDP (after the optimizer saw the plain parameter names)
     loss = DistributedLoss(t.loss, t.loss_mode, t.lam)  # one process: exactly get_loss(t.loss)
     if exp.data.embedding_cache:  # batches of {"image_embedding", "text"}: the image tower never runs
         from ..lit.step import make_lit_step_fn
@@ -347,7 +378,7 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         progress=progress,
         tensorboard=r.tensorboard,
     )
-    return Built(trainer, tokenizer, preprocess, data)
+    return Built(trainer, tokenizer, preprocess, data, export_template)
 
 
 def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preprocess=None) -> Path | None:
@@ -377,8 +408,9 @@ def run_experiment(exp: Experiment, resume: bool = False, progress: bool = True)
         result = built.trainer.fit(resume=resume)
         if hasattr(built.data, "finish"):
             built.data.finish()  # the skip counts of the epoch the run ended in
-        if is_main():
-            export_model(built.trainer.module, built.tokenizer, exp.run.output_dir, built.preprocess)
+        module = built.exported_module()  # FSDP2: gathered on every rank
+        if module is not None:
+            export_model(module, built.tokenizer, exp.run.output_dir, built.preprocess)
     finally:
         cleanup()  # leave the process group (torchrun runs); nothing in a single process
     return result

@@ -406,3 +406,52 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str |
     state = training_state_dict(model, optimizer, full=False)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# ------------------------------------------------------------------------------------------ FSDP2 in training
+def is_fsdp(model: nn.Module) -> bool:
+    """True for a model sharded with shard_fsdp (an FSDP2 module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters in its own order (the integer keys of optimizer.state_dict())."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) of an FSDP2 model, consolidated on rank 0 in the layout of a plain
+    model's model.state_dict() / optimizer.state_dict() (integer parameter keys), so the checkpoint resumes
+    with DDP, one process or FSDP2 at any world size. Every rank must call it (it gathers); the other
+    ranks get empty dicts."""
+    state = training_state_dict(model, optimizer, full=True)
+    optim = state["optimizer"]
+    if not optim:
+        return state["model"], {}
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]]
+    return state["model"], {"state": {index[n]: s for n, s in optim["state"].items()}, "param_groups": groups}
+
+
+def load_full_training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict
+) -> None:
+    """Inverse of full_training_state: every rank passes the same consolidated dicts (a checkpoint written
+    by any strategy and world size); each keeps its shards."""
+    names = _param_names(model, optimizer)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]
+    optim = {"state": {names[int(i)]: s for i, s in optim_state["state"].items()}, "param_groups": groups}
+    load_training_state_dict(model, optimizer, {"model": model_state, "optimizer": optim})
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters live on the meta device (no memory; buffers are copied): take it
+    before sharding, then `copy.load_state_dict(model_state_dict(sharded), assign=True)` on rank 0 gives a
+    plain model to export."""
+    import copy
+
+    memo = {id(p): nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)

@@ -102,6 +102,11 @@ class TrainSpec:
     # several processes (torchrun): "global" = every rank's pairs against the whole gathered batch (the
     # single-process loss of train.batch_size); "local" = within each rank's share only (LiT's comparison)
     loss_mode: Literal["global", "local"] = "global"
+    # several processes: "ddp" = a full model copy per rank; "fsdp" = FSDP2 shards parameters, gradients and
+    # optimizer state over the ranks (fsdp_unit "block": each transformer block / ResNet stage is a unit,
+    # "tower": each tower). Checkpoints are consolidated either way: they resume with any strategy/world.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_unit: Literal["block", "tower"] = "block"
     max_nonfinite: int = 5  # stop after this many consecutive non-finite losses
     device: str = "auto"  # "auto" = cuda when available
 

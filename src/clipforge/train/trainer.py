@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from ..data.seeding import forked_rng
-from .distributed import any_rank, is_main
+from .distributed import any_rank, full_training_state, is_fsdp, is_main, load_full_training_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .runs import RunDir, load_checkpoint, rng_state, set_rng_state
 
@@ -282,6 +282,9 @@ class Trainer:
         # writes the run directory; every rank reads checkpoints.
         self.module = getattr(model, "module", model)
         self.is_main = is_main()
+        # FSDP2: state dicts gather the shards and the forward all-gathers them, so every rank takes part
+        # in checkpoints and evaluation (rank 0 alone writes)
+        self.fsdp = is_fsdp(model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 training needs a GPU (loss scaling); use bf16 on CPU")
@@ -292,10 +295,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The consolidated training state (FSDP2: every rank must call it; rank 0 gets the weights)."""
+        if self.fsdp:
+            model_state, optim_state = full_training_state(self.model, self.optimizer)
+        else:
+            model_state, optim_state = self.module.state_dict(), self.optimizer.state_dict()
         return {
             "step": self.step,
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -305,8 +313,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            load_full_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -317,8 +328,11 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is not None and self.is_main:
-            self.run_dir.save_checkpoint(self.state_dict(), self.step, self.keep_last)
+        if self.run_dir is None or not (self.is_main or self.fsdp):
+            return
+        state = self.state_dict()  # FSDP2: a collective on every rank
+        if self.is_main:
+            self.run_dir.save_checkpoint(state, self.step, self.keep_last)
 
     def resume(self) -> bool:
         """Load the newest checkpoint of the run directory; False when there is none."""
@@ -449,15 +463,17 @@ class Trainer:
                     last = self.step == self.steps
                     if (
                         self.evaluators
-                        and self.is_main
+                        and (self.is_main or self.fsdp)
                         and (last or (self.eval_every and self.step % self.eval_every == 0))
                     ):
                         result.eval = self.evaluate()
                         if logger is not None:
                             logger.log({"kind": "eval", "step": self.step, **result.eval})
-                        bar.write(
-                            f"step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.eval.items())
-                        )
+                        if self.is_main:
+                            bar.write(
+                                f"step {self.step}: "
+                                + ", ".join(f"{k} {v:.3f}" for k, v in result.eval.items())
+                            )
                     if last or (self.checkpoint_every and self.step % self.checkpoint_every == 0):
                         self.save_checkpoint()
                     # a signal may reach the ranks at different steps: all stop at the same one
