@@ -262,3 +262,10 @@ def test_torchscript_reader_keeps_only_parameters_and_buffers(tmp_path):
     theirs = torch.jit.load(str(path), map_location="cpu").state_dict()
     assert "attn_mask" not in theirs
     assert_same_tensors(ours, dict(theirs))
+
+
+def test_non_checkpoint_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes\.pt: not a checkpoint clipforge can read safely"):
+        load(bad)

@@ -94,7 +94,13 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ValueError(f"{path}: not loadable with torch.load(weights_only=True): {e}") from e
+            # torch's message is long and suggests weights_only=False; keep only its reason
+            msg = str(e)
+            reason = msg.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if msg else "unknown"
+            raise ValueError(
+                f"{path}: not a checkpoint clipforge can read safely (torch.load with weights_only=True "
+                f"failed: {reason}); expected an OpenAI / OpenCLIP / HF / clipforge checkpoint"
+            ) from e
     fmt = "openai"
     if isinstance(obj, Mapping) and "state_dict" in obj:  # OpenCLIP training checkpoint
         obj, fmt = obj["state_dict"], "openclip"
