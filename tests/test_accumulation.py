@@ -16,9 +16,10 @@ from clipforge.train.step import (
     max_effective_batch,
     trim_tokens,
 )
+from helpers import random_batch
 
 VOCAB = 1000  # small vocabulary: the tests then time the towers, not a 49408 x 64 embedding gradient
-SOT, EOT = VOCAB - 2, VOCAB - 1
+EOT = VOCAB - 1
 
 
 def _model(preset, siglip=False):
@@ -28,19 +29,6 @@ def _model(preset, siglip=False):
         cfg = dataclasses.replace(cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
     torch.manual_seed(0)
     return create_model(cfg)
-
-
-def _batch(model, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = model.image_size
-    images = torch.randn(n, 3, s, s, generator=g)
-    texts = torch.zeros(n, 77, dtype=torch.long)
-    for i in range(n):
-        length = int(torch.randint(1, 12, (), generator=g))
-        texts[i, 0] = SOT
-        texts[i, 1 : 1 + length] = torch.randint(1, SOT, (length,), generator=g)
-        texts[i, 1 + length] = EOT
-    return images, texts
 
 
 def _reference_grads(model, images, texts, loss_fn, chunks=1, mask_ratio=0.0):
@@ -86,7 +74,7 @@ def test_accumulated_gradient_equals_full_batch(preset, loss):
     model = _model(preset, siglip=loss == "siglip")
     if preset == "tiny-rn":
         model.eval()  # BN on running statistics: the full batch and its micro-batches normalise alike
-    images, texts = _batch(model, 8)
+    images, texts = random_batch(8, model.image_size, VOCAB)
     full_loss, full = _reference_grads(model, images, texts, LOSSES[loss])
     result, accum = _step_grads(model, images, texts, LOSSES[loss], accum_steps=4)
     assert math.isclose(result.loss, full_loss, rel_tol=1e-5)
@@ -97,7 +85,7 @@ def test_accumulated_gradient_equals_full_batch(preset, loss):
 
 def test_uneven_micro_batches_and_one_step():
     model = _model("tiny-vit")
-    images, texts = _batch(model, 10)
+    images, texts = random_batch(10, model.image_size, VOCAB)
     _, full = _reference_grads(model, images, texts, LOSSES["clip"])
     for k in (1, 3, 4, 10):  # sizes 10; 4,3,3; 3,3,2,2; ten singletons
         _, accum = _step_grads(model, images, texts, LOSSES["clip"], accum_steps=k)
@@ -107,7 +95,7 @@ def test_uneven_micro_batches_and_one_step():
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_masked_accumulation_replays_the_same_masks(loss):
     model = _model("tiny-vit", siglip=loss == "siglip")
-    images, texts = _batch(model, 8)
+    images, texts = random_batch(8, model.image_size, VOCAB)
     torch.manual_seed(123)
     ref_loss, ref = _reference_grads(model, images, texts, LOSSES[loss], chunks=4, mask_ratio=0.5)
     rng_after_ref = torch.get_rng_state()
@@ -124,7 +112,7 @@ def test_masked_accumulation_replays_the_same_masks(loss):
 
 def test_resnet_train_mode_batchnorm_per_micro_batch_and_stats_updated_once():
     model = _model("tiny-rn")
-    images, texts = _batch(model, 8)
+    images, texts = random_batch(8, model.image_size, VOCAB)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     _, ref = _reference_grads(model, images, texts, LOSSES["clip"], chunks=4)
     ref_buffers = {k: v.clone() for k, v in model.named_buffers()}
@@ -138,7 +126,7 @@ def test_resnet_train_mode_batchnorm_per_micro_batch_and_stats_updated_once():
 
 def test_gradient_checkpointing_with_accumulation():
     model = _model("tiny-vit")
-    images, texts = _batch(model, 8)
+    images, texts = random_batch(8, model.image_size, VOCAB)
     _, full = _reference_grads(model, images, texts, LOSSES["clip"])
     model.set_grad_checkpointing(True)
     _, accum = _step_grads(model, images, texts, LOSSES["clip"], accum_steps=2)
@@ -152,7 +140,7 @@ def test_locked_image_tower_accumulates_like_the_full_batch(preset):
     from clipforge.train.locking import apply_policy
 
     model = apply_policy(_model(preset), "Lu").train()  # a locked ResNet stays in eval mode (frozen BN)
-    images, texts = _batch(model, 8)
+    images, texts = random_batch(8, model.image_size, VOCAB)
     _, full = _reference_grads(model, images, texts, LOSSES["clip"])
     before = {k: v.clone() for k, v in model.visual.state_dict().items()}
     _, accum = _step_grads(model, images, texts, LOSSES["clip"], accum_steps=4)
@@ -164,20 +152,20 @@ def test_locked_image_tower_accumulates_like_the_full_batch(preset):
 
 def test_trim_tokens_is_exact():
     model = _model("tiny-vit")
-    _, texts = _batch(model, 5)
+    _, texts = random_batch(5, model.image_size, VOCAB)
     trimmed = trim_tokens(texts)
     longest = max(int((row == EOT).nonzero()[0]) for row in texts) + 1  # by hand, from the EOT positions
     assert trimmed.shape == (5, longest) and torch.equal(trimmed, texts[:, :longest])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(trimmed), model.encode_text(texts), rtol=0, atol=0)
-    images, _ = _batch(model, 5)
+    images, _ = random_batch(5, model.image_size, VOCAB)
     result = contrastive_step(model, images, texts, "clip")
     assert result.text_length == longest and result.batch_size == 5
 
 
 def test_bf16_autocast_runs_and_is_close_to_fp32():
     model = _model("tiny-vit")
-    images, texts = _batch(model, 8)
+    images, texts = random_batch(8, model.image_size, VOCAB)
     fp32, _ = _step_grads(model, images, texts, LOSSES["clip"], accum_steps=2)
     bf16, grads = _step_grads(
         model, images, texts, LOSSES["clip"], accum_steps=2, autocast_dtype=torch.bfloat16
@@ -190,7 +178,7 @@ def test_bf16_autocast_runs_and_is_close_to_fp32():
 def test_scaler_and_backward_hooks_scale_every_micro_batch():
     """A fp16-style scaled backward multiplies every gradient, cached micro-batches included."""
     model = _model("tiny-vit")
-    images, texts = _batch(model, 8)
+    images, texts = random_batch(8, model.image_size, VOCAB)
     _, plain = _step_grads(model, images, texts, LOSSES["clip"], accum_steps=4)
     calls = []
 
@@ -208,7 +196,7 @@ def test_scaler_and_backward_hooks_scale_every_micro_batch():
 
 def test_make_step_fn_batches_and_unmasked_tuning():
     model = _model("tiny-vit")
-    images, texts = _batch(model, 8)
+    images, texts = random_batch(8, model.image_size, VOCAB)
     step_fn = make_step_fn("clip", accum_steps=2, mask_ratio=0.5, unmasked_from_step=10)
     model.zero_grad(set_to_none=True)
     loss = step_fn(model, {"image": images, "text": texts}, step=10)  # unmasked: deterministic
@@ -223,7 +211,7 @@ def test_make_step_fn_batches_and_unmasked_tuning():
 
 def test_step_errors():
     model = _model("tiny-vit")
-    images, texts = _batch(model, 4)
+    images, texts = random_batch(4, model.image_size, VOCAB)
     with pytest.raises(ValueError, match="accum_steps"):
         contrastive_step(model, images, texts, "clip", accum_steps=5)
     with pytest.raises(ValueError, match="pairs"):
@@ -231,7 +219,7 @@ def test_step_errors():
     with pytest.raises(ValueError, match="logit_bias"):
         contrastive_step(model, images, texts, "siglip")
     rn = _model("tiny-rn")
-    images, texts = _batch(rn, 4)
+    images, texts = random_batch(4, rn.image_size, VOCAB)
     with pytest.raises(ValueError, match="ViT"):
         contrastive_step(rn, images, texts, "clip", mask_ratio=0.5)
 

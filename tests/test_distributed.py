@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -22,9 +21,10 @@ from clipforge.config import get_config
 from clipforge.loss import clip_loss, get_loss, siglip_loss
 from clipforge.models import create_model
 from clipforge.train.step import contrastive_step
+from helpers import free_port, random_batch, set_rank_env
 
 VOCAB = 1000
-SOT, EOT = VOCAB - 2, VOCAB - 1
+
 B = 4  # per rank
 WORLD = 2
 LR = 1e-3
@@ -42,12 +42,6 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _model(siglip: bool = False):
     cfg = get_config("tiny-vit")
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=VOCAB))
@@ -55,18 +49,6 @@ def _model(siglip: bool = False):
         cfg = dataclasses.replace(cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
     torch.manual_seed(0)
     return create_model(cfg)
-
-
-def _batch(n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, 32, 32, generator=g)
-    texts = torch.zeros(n, 77, dtype=torch.long)
-    for i in range(n):
-        length = int(torch.randint(1, 12, (), generator=g))
-        texts[i, 0] = SOT
-        texts[i, 1 : 1 + length] = torch.randint(1, SOT, (length,), generator=g)
-        texts[i, 1 + length] = EOT
-    return images, texts
 
 
 def _features(n: int, d: int = 4, seed: int = 1):
@@ -92,20 +74,13 @@ class _MaxNumel(TorchDispatchMode):
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    set_rank_env(rank, world, port)
     from clipforge.train import distributed as D
 
     info = D.init_distributed(device="cpu")
     assert info.backend == "gloo" and info.world_size == world and info.rank == rank
     results: dict = {"is_main": D.is_main()}
-    images, texts = _batch(B * world)
+    images, texts = random_batch(B * world, 32, VOCAB)
     mine = slice(rank * B, (rank + 1) * B)
     for name, accum in SCENARIOS:
         model = D.wrap_ddp(_model(siglip=name == "siglip"))
@@ -177,7 +152,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -186,7 +161,7 @@ def _reference_step(name: str):
     """One process, batch 2B, the plain loss, one backward, one AdamW step."""
     model = _model(siglip=name == "siglip")
     opt = _adamw(model)
-    images, texts = _batch(B * WORLD)
+    images, texts = random_batch(B * WORLD, 32, VOCAB)
     out = model(images, texts)
     if name == "clip":
         loss = clip_loss(out.image_features, out.text_features, out.logit_scale)

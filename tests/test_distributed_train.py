@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from clipforge.tokenizer import train_bpe
 from clipforge.train.build import run_experiment, synthetic_data
 from clipforge.train.experiment import load_experiment
+from helpers import free_port, set_rank_env
 
 
 def _overrides(out, steps, tokenizer):
@@ -36,21 +36,8 @@ def _overrides(out, steps, tokenizer):
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out: str, tokenizer: str, extra: tuple = ()) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    set_rank_env(rank, world, port)
     res = run_experiment(load_experiment(None, [*_overrides(out, 3, tokenizer), *extra]), progress=False)
     torch.save({"losses": res.losses, "step": res.step}, os.path.join(out, f"result{rank}.pt"))
 
@@ -64,7 +51,7 @@ def runs(tmp_path_factory):
     tok = root / "tokenizer"
     train_bpe(captions, 600, 16).save(tok)
     single = run_experiment(load_experiment(None, _overrides(root / "single", 4, tok)), progress=False)
-    mp.spawn(_worker, args=(2, _free_port(), str(root / "ddp"), str(tok)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(root / "ddp"), str(tok)), nprocs=2, join=True)
     ranks = [torch.load(root / "ddp" / f"result{r}.pt") for r in range(2)]
     return root, single, ranks
 
@@ -102,7 +89,7 @@ def fsdp_run(runs):
     root, single, _ranks = runs
     out = root / "fsdp"
     extra = ("train.strategy=fsdp", "train.fsdp_unit=block")
-    mp.spawn(_worker, args=(2, _free_port(), str(out), str(root / "tokenizer"), extra), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), str(root / "tokenizer"), extra), nprocs=2, join=True)
     return root, single, [torch.load(out / f"result{r}.pt") for r in range(2)]
 
 

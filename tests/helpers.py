@@ -1,0 +1,41 @@
+"""Small helpers shared by several test files (random contrastive batches, local process groups)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def random_batch(n: int, image_size: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, S, S) random pixels and (n, 77) token rows [SOT, 1-11 random ids, EOT, 0 ...], with
+    SOT, EOT = vocab - 2, vocab - 1 (EOT the largest id, where the text tower pools)."""
+    SOT, EOT = vocab - 2, vocab - 1
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, image_size, image_size, generator=g)
+    texts = torch.zeros(n, 77, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(1, 12, (), generator=g))
+        texts[i, 0] = SOT
+        texts[i, 1 : 1 + length] = torch.randint(1, SOT, (length,), generator=g)
+        texts[i, 1 + length] = EOT
+    return images, texts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_rank_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives each process (one intra-op thread: ranks share 2 cores)."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
