@@ -36,6 +36,7 @@ from clipforge.checkpoints import load, save_pretrained
 from clipforge.config import VisionConfig, get_config
 from clipforge.data.export import write_class_folders, write_robustness_sets
 from clipforge.data.memory import TensorPairs
+from clipforge.data.streams import BatchStream
 from clipforge.data.synthetic import SHIFTS, ShapesConfig, classification_set, make_tensors
 from clipforge.eval import encode_images, fit_logit_line, plot_robustness, zero_shot_classifier
 from clipforge.eval.datasets import ImageFolderDataset
@@ -47,7 +48,7 @@ from clipforge.tokenizer import train_bpe
 from clipforge.train.optim import build_optimizer, cosine_schedule
 from clipforge.train.runs import RunDir, seed_everything
 from clipforge.train.step import make_step_fn
-from clipforge.train.trainer import BatchStream, Trainer
+from clipforge.train.trainer import Trainer
 from clipforge.transforms import PreprocessConfig
 
 # The captions' own phrasing (see data/synthetic.py), so the prompts use words the BPE vocabulary knows.

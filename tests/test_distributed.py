@@ -292,7 +292,7 @@ def _shards(tmp_path, n=20, per_shard=3):
 def _read_as(monkeypatch, urls, rank, world, split="epoch", epoch=0, workers=2):
     from torch.utils.data import DataLoader
 
-    from clipforge.train.distributed_data import DistributedWebDataset
+    from clipforge.data.shard_split import DistributedWebDataset
 
     monkeypatch.setenv("RANK", str(rank))  # what torchrun sets; read by webdataset's pytorch_worker_info
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -313,7 +313,7 @@ def test_shards_split_over_ranks_and_workers_exactly_once(tmp_path, monkeypatch)
 
 
 def test_rank_without_shard_is_a_clear_error_or_resampled(tmp_path, monkeypatch):
-    from clipforge.train.distributed_data import epoch_plan
+    from clipforge.data.shard_split import epoch_plan
 
     urls, captions = _shards(tmp_path, n=5, per_shard=5)  # one shard, two ranks
     with pytest.raises(ValueError, match=r"1 WebDataset shard.*2 ranks.*resampled"):
@@ -325,7 +325,7 @@ def test_rank_without_shard_is_a_clear_error_or_resampled(tmp_path, monkeypatch)
 
 
 def test_epoch_plan_from_sizes_json(tmp_path):
-    from clipforge.train.distributed_data import epoch_plan, rank_shards
+    from clipforge.data.shard_split import epoch_plan, rank_shards
 
     urls, _ = _shards(tmp_path)  # 6 shards of 3, one of 2
     plan = epoch_plan(urls, world_size=2, global_batch=4, epoch=0, seed=3)

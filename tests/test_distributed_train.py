@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from clipforge.tokenizer import train_bpe
-from clipforge.train.build import run_experiment, synthetic_data
+from clipforge.train.build import open_data, run_experiment
 from clipforge.train.experiment import load_experiment
 from helpers import free_port, set_rank_env
 
@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_train")
     torch.set_num_threads(1)
     exp = load_experiment(None, [*_overrides(root / "single", 4, "bpe"), "model.vocab_size=600"])
-    _images, captions, _sets = synthetic_data(exp, 32)
+    captions = open_data(exp, 32).captions()
     tok = root / "tokenizer"
     train_bpe(captions, 600, 16).save(tok)
     single = run_experiment(load_experiment(None, _overrides(root / "single", 4, tok)), progress=False)

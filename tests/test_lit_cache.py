@@ -128,8 +128,9 @@ def _tokens(n: int) -> torch.Tensor:
 
 
 def test_training_from_cache_never_runs_the_tower(model, tmp_path):
+    from clipforge.data.streams import BatchStream
     from clipforge.train.optim import build_optimizer
-    from clipforge.train.trainer import BatchStream, Trainer
+    from clipforge.train.trainer import Trainer
 
     data = Images(16)
     apply_policy(model, "Lu")

@@ -21,11 +21,11 @@ from clipforge.checkpoints import save_pretrained
 from clipforge.cli import main as cli_main
 from clipforge.config import get_config
 from clipforge.data import read_folder, write_shards
+from clipforge.data.sources import StreamOptions
 from clipforge.eval import load_templates
 from clipforge.models import create_model
 from clipforge.tokenizer import Tokenizer, train_bpe
-from clipforge.train.build import build_trainer, run_experiment
-from clipforge.train.data_sources import TrainSource
+from clipforge.train.build import build_trainer, open_data, run_experiment
 from clipforge.train.experiment import load_experiment
 from clipforge.train.metrics import read_metrics
 from clipforge.train.trainer import TrainingInterrupted
@@ -238,9 +238,9 @@ def test_webdataset_resume_neither_loses_nor_repeats(data, tmp_path, workers):
     tok = Tokenizer.from_openai_vocab(context_length=16)
 
     def stream():
-        src = TrainSource(exp)
-        src.attach(train_transform(32, mode="random_resized_crop", scale=(0.5, 1.0)), tok, 16)
-        return src.stream(4, seed=0)
+        src = open_data(exp, 32)
+        pairs = src.dataset(train_transform(32, mode="random_resized_crop", scale=(0.5, 1.0)), tok, 16)
+        return src.stream(pairs, StreamOptions(4, seed=0, workers=exp.data.workers))
 
     def take(s, n):
         it = iter(s)

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from clipforge import create_model
+from clipforge.data.streams import BatchStream
 from clipforge.train.experiment import Experiment, load_experiment
 from clipforge.train.metrics import read_metrics
 from clipforge.train.optim import build_optimizer, cosine_schedule
 from clipforge.train.runs import RunDir, atomic_torch_save
-from clipforge.train.trainer import BatchStream, NonFiniteLossError, Trainer, TrainingInterrupted
+from clipforge.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 
 class Pairs(Dataset):

@@ -26,6 +26,7 @@ import torch
 from .checkpoints import save_pretrained
 from .config import VisionConfig, get_config
 from .data.memory import TensorPairs
+from .data.streams import BatchStream
 from .eval import RetrievalEvaluator, ZeroShotEvaluator
 from .models import create_model
 from .tokenizer import train_bpe
@@ -33,7 +34,7 @@ from .train.build import normalise_uint8
 from .train.optim import build_optimizer, cosine_schedule
 from .train.runs import RunDir, seed_everything
 from .train.step import make_step_fn
-from .train.trainer import BatchStream, Trainer
+from .train.trainer import Trainer
 from .transforms import PreprocessConfig
 
 # Optimizer steps per second of the default demo model (batch 128, one thread, bf16 autocast) assumed for

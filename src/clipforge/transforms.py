@@ -216,6 +216,12 @@ def _prepare(img: Image.Image) -> Image.Image:
     return to_rgb(img) if img.mode in _CONVERT_FIRST or img.mode.startswith("I;16") else img
 
 
+def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> OpenAI-normalised float."""
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
 def _to_normalized_tensor(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     # Same float32 ops as torchvision's ToTensor + Normalize, so results match bit for bit.
     x = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)

@@ -85,7 +85,27 @@ def _resolve(value: str, root: Path) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def _rows(path: Path, fmt: str, skips: SkipCounter) -> Iterable[tuple[int, dict]]:
+def manifest_format(path: Path, fmt: str | None = None) -> str:
+    """csv | tsv | jsonl from the suffix (or `fmt`); an error naming the file otherwise."""
+    fmt = fmt or MANIFEST_FORMATS.get(path.suffix.lower())
+    if fmt not in ("csv", "tsv", "jsonl"):
+        raise ValueError(
+            f"cannot tell the manifest format of {path}: use a suffix in {sorted(MANIFEST_FORMATS)} "
+            "or pass fmt='csv' | 'tsv' | 'jsonl'"
+        )
+    return fmt
+
+
+def manifest_rows(
+    path: str | Path, fmt: str | None = None, skips: SkipCounter | None = None
+) -> Iterable[tuple[int, dict]]:
+    """(line number, row dict) of a CSV/TSV/JSONL manifest: the one manifest reader of training,
+    evaluation and caching. Malformed JSONL lines are counted as bad_row in `skips`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    fmt = manifest_format(path, fmt)
+    skips = skips if skips is not None else SkipCounter(str(path))
     with path.open(encoding="utf-8-sig", newline="") as f:
         if fmt in ("csv", "tsv"):
             reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
@@ -124,17 +144,12 @@ def read_manifest(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    fmt = fmt or MANIFEST_FORMATS.get(path.suffix.lower())
-    if fmt not in ("csv", "tsv", "jsonl"):
-        raise ValueError(
-            f"cannot tell the manifest format of {path}: use a suffix in {sorted(MANIFEST_FORMATS)} "
-            "or pass fmt='csv' | 'tsv' | 'jsonl'"
-        )
+    fmt = manifest_format(path, fmt)
     skips = skips if skips is not None else SkipCounter(str(path))
     base = Path(root) if root is not None else path.parent
     merged: dict[Path, list[str]] = {}
     keys_seen: set[str] = set()
-    for n, row in _rows(path, fmt, skips):
+    for n, row in manifest_rows(path, fmt, skips):
         keys_seen.update(k for k in row if k is not None)
         if image_key not in row or caption_key not in row:
             if fmt != "jsonl":  # a CSV header without the columns: a configuration error

@@ -30,7 +30,7 @@ from ..transforms import ImageLoadError, load_image
 from .pairs import PairRecord, encode_text
 from .skips import SkipCounter, Skipped
 
-SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 def shard_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
@@ -51,14 +51,17 @@ def shard_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return out
 
 
-def decode_sample(
-    sample: dict[str, Any], caption_key: str = "caption"
-) -> tuple[Image.Image, list[str]] | Skipped:
-    """(RGB image, captions) of a raw WebDataset sample, or Skipped naming why not."""
+def iter_samples(urls: Sequence[str], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Raw samples {"__key__", "__url__", ext: bytes} of the shards in order. Members are grouped into
+    samples by webdataset's own rule (the key is the member path up to the first dot of its file name):
+    the one key-splitting rule for training, evaluation, caching and BPE captions."""
+    return tarfile_samples(({"url": u} for u in urls), handler=handler)
+
+
+def sample_captions(sample: dict[str, Any], caption_key: str = "caption") -> list[str] | Skipped:
+    """The captions of a raw sample: its txt member (one per line) or its json (`caption_key`, else
+    "captions"; a string or a list), whitespace collapsed; or Skipped naming why not."""
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-    ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        return Skipped("no_image", where)
     if "txt" in sample:
         try:
             text = sample["txt"].decode("utf-8")
@@ -68,11 +71,14 @@ def decode_sample(
         captions = [c for c in captions if c]
         if not captions:
             return Skipped("empty_caption", f"{where}.txt")
-    elif "json" in sample:
+        return captions
+    if "json" in sample:
         try:
             meta = json.loads(sample["json"])
         except (json.JSONDecodeError, UnicodeDecodeError):
             return Skipped("non_text_caption", f"{where}.json: not JSON")
+        if isinstance(meta, list):
+            meta = {"captions": meta}
         key = caption_key if isinstance(meta, dict) and caption_key in meta else "captions"
         if not isinstance(meta, dict) or key not in meta:
             return Skipped("no_caption", f"{where}.json has no {caption_key!r}")
@@ -83,13 +89,45 @@ def decode_sample(
         captions = [c for c in captions if c]
         if not captions:
             return Skipped("empty_caption", f"{where}.json")
-    else:
-        return Skipped("no_caption", where)
+        return captions
+    return Skipped("no_caption", where)
+
+
+def image_member(sample: dict[str, Any]) -> str | None:
+    """The extension of a sample's image member, if it has one."""
+    return next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
+
+
+def decode_sample(
+    sample: dict[str, Any], caption_key: str = "caption"
+) -> tuple[Image.Image, list[str]] | Skipped:
+    """(RGB image, captions) of a raw WebDataset sample, or Skipped naming why not."""
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    ext = image_member(sample)
+    if ext is None:
+        return Skipped("no_image", where)
+    captions = sample_captions(sample, caption_key)
+    if isinstance(captions, Skipped):
+        return captions
     try:
         image = load_image(io.BytesIO(sample[ext]))
     except (ImageLoadError, OSError, ValueError) as e:
         return Skipped("corrupt_image", f"{where}.{ext}: {str(e)[:100]}")
     return image, captions
+
+
+def shard_captions(urls: list[str], caption_key: str = "caption") -> list[str]:
+    """Every caption in the shards, without decoding any image: the corpus for a BPE vocabulary.
+    Unreadable shards and samples are passed over here (the training stream counts them)."""
+    out: list[str] = []
+    for sample in tqdm(
+        iter_samples(urls, handler=lambda exn: True), desc="reading shard captions", leave=False,
+        disable=len(urls) < 8,
+    ):  # fmt: skip
+        captions = sample_captions(sample, caption_key)
+        if not isinstance(captions, Skipped):
+            out.extend(captions)
+    return out
 
 
 class WebDatasetPairs(IterableDataset):
@@ -144,7 +182,7 @@ class WebDatasetPairs(IterableDataset):
         return shards, random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
 
     def _raw(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
-        samples = tarfile_samples(({"url": u} for u in shards), handler=self._handler)
+        samples = iter_samples(shards, handler=self._handler)
         if self.shuffle_buffer <= 1:
             yield from samples
             return

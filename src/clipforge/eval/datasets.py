@@ -6,27 +6,21 @@ images as a Dataset plus a flat caption list and `text_to_image` (the image inde
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from ..data.pairs import IMAGE_EXTS, manifest_rows, read_folder, read_manifest
+from ..data.skips import SkipCounter, Skipped
+from ..data.wds import image_member, iter_samples, sample_captions, shard_urls
+from ..transforms import ImageLoadError, load_image
 
-
-def _load_image(src) -> Image.Image:
-    try:  # the shared loader (clear errors, decompression-bomb guard) once it exists
-        from ..transforms import load_image
-    except ImportError:
-        with Image.open(src) as im:
-            return im.convert("RGB")
-    return load_image(src)
+_load_image = load_image
 
 
 def _read_classnames(spec, folders: Sequence[str]) -> list[str]:
@@ -70,14 +64,8 @@ class ImageFolderDataset(Dataset):
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """Rows of a .jsonl / .csv / .tsv manifest as dicts."""
-    if not path.exists():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    """Rows of a .jsonl / .csv / .tsv manifest as dicts (the shared manifest reader)."""
+    rows = [row for _, row in manifest_rows(path)]
     if not rows:
         raise ValueError(f"manifest is empty: {path}")
     return rows
@@ -146,44 +134,83 @@ class RetrievalSet:
 
     @classmethod
     def from_manifest(
-        cls, manifest: str | Path, transform: Callable, image_key="image", caption_key="caption"
+        cls, manifest: str | Path, transform: Callable, image_key="image", caption_key="caption", **kwargs
     ) -> RetrievalSet:
         """Rows with an image path and a caption (a string, or a list of strings in .jsonl); rows naming
-        the same image add captions to it."""
-        path = Path(manifest)
-        rows = _read_rows(path)
-        order: dict[str, list[str]] = {}
-        for r in rows:
-            if image_key not in r or caption_key not in r:
-                raise KeyError(f"{path}: rows need {image_key!r} and {caption_key!r} (got {', '.join(r)})")
-            caps = r[caption_key] if isinstance(r[caption_key], list) else [r[caption_key]]
-            order.setdefault(r[image_key], []).extend(str(c) for c in caps)
-        images = _ImageList([path.parent / k for k in order], transform)
-        return cls(images, list(order.values()))
+        the same image add captions to it (the shared manifest reader: `data.pairs.read_manifest`)."""
+        records = read_manifest(manifest, image_key, caption_key, **kwargs)
+        if not records:
+            raise ValueError(f"{manifest}: no image-caption rows")
+        return cls(_ImageList([r.image for r in records], transform), [list(r.captions) for r in records])
 
     @classmethod
     def from_tars(cls, shards: Sequence[str | Path], transform: Callable) -> RetrievalSet:
-        """WebDataset-style tar shards: <key>.<jpg|png|...> with <key>.txt (one caption per line) or
-        <key>.json (a list of captions, or {"captions": [...]} / {"caption": str})."""
-        imgs: dict[str, bytes] = {}
-        caps: dict[str, list[str]] = {}
-        for shard in shards:
-            with tarfile.open(shard) as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    key, _, ext = m.name.partition(".")
-                    data = tar.extractfile(m).read()
-                    if "." + ext.lower() in IMAGE_EXTS:
-                        imgs[f"{shard}/{key}"] = data
-                    elif ext == "txt":
-                        lines = data.decode("utf-8").splitlines()
-                        caps[f"{shard}/{key}"] = [x.strip() for x in lines if x.strip()]
-                    elif ext == "json":
-                        j = json.loads(data)
-                        j = j if isinstance(j, list) else j.get("captions", [j.get("caption", "")])
-                        caps[f"{shard}/{key}"] = [str(x) for x in j if str(x).strip()]
-        keys = [k for k in imgs if caps.get(k)]
-        if not keys:
-            raise ValueError(f"no (image, caption) samples in {', '.join(map(str, shards))}")
-        return cls(_ImageList([imgs[k] for k in keys], transform), [caps[k] for k in keys])
+        """WebDataset tar shards: <key>.<jpg|png|...> with <key>.txt (one caption per line) or <key>.json
+        (a list of captions, or {"captions": [...]} / {"caption": str}); samples grouped by webdataset's
+        key rule. Samples without an image or a caption are dropped."""
+        imgs: list[bytes] = []
+        caps: list[list[str]] = []
+        urls = [str(s) for s in shards]
+        for sample in iter_samples(urls, handler=_reraise):
+            ext = image_member(sample)
+            captions = sample_captions(sample)
+            if ext is None or isinstance(captions, Skipped):
+                continue
+            imgs.append(sample[ext])
+            caps.append(captions)
+        if not imgs:
+            raise ValueError(f"no (image, caption) samples in {', '.join(urls)}")
+        return cls(_ImageList(imgs, transform), caps)
+
+
+def _reraise(exn: Exception) -> bool:
+    raise exn
+
+
+def _is_shards(path: str) -> bool:
+    p = Path(path)
+    return path.endswith(".tar") or "{" in path or (p.is_dir() and any(p.glob("*.tar")))
+
+
+def open_labelled(
+    path: str | Path, transform: Callable, classnames=None, image_key: str = "image", label_key: str = "label"
+) -> ImageFolderDataset | ManifestClassificationDataset:
+    """Labelled images: a folder of class folders, or a manifest with image and label columns."""
+    p = Path(path)
+    if p.is_dir():
+        return ImageFolderDataset(p, transform, classnames)
+    return ManifestClassificationDataset(p, transform, classnames, image_key, label_key)
+
+
+def open_retrieval(
+    path: str | Path,
+    transform: Callable,
+    image_key: str = "image",
+    caption_key: str = "caption",
+    sep: str | None = "||",
+    root: str | Path | None = None,
+    echo: Callable[[str], None] = tqdm.write,
+) -> RetrievalSet:
+    """Held-out pairs for retrieval: tar shards, a folder with sidecar captions or a manifest. Images that
+    cannot be read are dropped once, here, counted by reason and reported through `echo`."""
+    if _is_shards(str(path)):
+        return RetrievalSet.from_tars(shard_urls(str(path)), transform)
+    skips = SkipCounter(str(path))
+    if Path(path).is_dir():
+        records = read_folder(path, skips=skips)
+    else:
+        records = read_manifest(path, image_key, caption_key, sep=sep, root=root, skips=skips)
+    good = []
+    for r in records:
+        try:
+            load_image(r.image)
+            good.append(r)
+        except FileNotFoundError:
+            skips.record("missing_image", str(r.image))
+        except (ImageLoadError, OSError, ValueError) as e:
+            skips.record("corrupt_image", f"{r.image}: {str(e)[:80]}")
+    if skips.total:
+        echo(f"{path}: {skips.summary()}")
+    if not good:
+        raise ValueError(f"{path}: no usable image-caption pairs ({skips.summary()})")
+    return RetrievalSet(_ImageList([r.image for r in good], transform), [list(r.captions) for r in good])

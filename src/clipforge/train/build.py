@@ -1,9 +1,12 @@
-"""From an `Experiment` to a running `Trainer`: model, tokenizer, data, step, evaluators, export.
+"""From an `Experiment` to a running `Trainer`: a straight sequence of short steps.
 
     result = run_experiment(load_experiment("run.yaml", ["train.steps=100"]), resume=True)
     model, preprocess, tokenizer = clipforge.load("runs/x/model")
 
-This is the only place that knows both the experiment config and CLIP; the trainer itself does not.
+build_trainer: process group -> starting checkpoint / LiT towers -> preprocessing -> data Source ->
+tokenizer -> model -> batch stream -> evaluators -> placement (device, FSDP) -> optimizer and schedule ->
+DDP -> step function -> Trainer. This is the only place that knows both the experiment config and CLIP;
+the trainer itself does not, and data code gets only the fields it needs.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import get_config
-from ..data.memory import TensorPairs
+from ..data.sources import EmbeddingCacheSource, Source, StreamOptions, open_source
+from ..data.streams import SkipReport
+from ..eval.evaluators import evaluator_for, validation_evaluators
 from ..models import create_model
+from ..transforms import PreprocessConfig, eval_transform, normalise_uint8, train_transform
 from .distributed import (
+    DistInfo,
     DistributedLoss,
     barrier,
     cleanup,
@@ -36,15 +43,9 @@ from .experiment import Experiment
 from .optim import build_optimizer, cosine_schedule
 from .runs import RunDir, seed_everything
 from .step import make_step_fn
-from .trainer import BatchStream, Trainer, TrainResult
+from .trainer import Trainer, TrainResult
 
-
-def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> OpenAI-normalised float."""
-    from ..transforms import OPENAI_MEAN, OPENAI_STD
-
-    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+__all__ = ["Built", "build_trainer", "export_model", "normalise_uint8", "run_experiment"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,54 +156,6 @@ def build_lit(exp: Experiment, tokenizer, image_source) -> tuple[torch.nn.Module
     return model.train(), tokenizer
 
 
-def cached_pairs(exp: Experiment, model: torch.nn.Module, tokens: torch.Tensor):
-    """CachedPairs over `data.embedding_cache`, checked against the locked tower and the training set."""
-    from ..data.embedding_cache import CachedPairs, CacheMismatchError, EmbeddingCache, weights_hash
-
-    cache = EmbeddingCache(exp.data.embedding_cache)
-    where = exp.data.embedding_cache
-    made = cache.index["fingerprint"]
-    if made.get("weights") != weights_hash(model.visual):
-        raise CacheMismatchError(
-            f"{where}: made by another image tower than model.image_tower={exp.model.image_tower}; "
-            "rebuild it with `clipforge cache-embeddings --tower <that tower>`"
-        )
-    data = f"synthetic:{exp.run.seed}:{exp.data.synthetic_train}"
-    if made.get("preprocess", {}).get("data") != data:
-        raise CacheMismatchError(
-            f"{where}: holds embeddings of {made.get('preprocess', {}).get('data')!r} but the training "
-            f"set is {data!r}; run `clipforge cache-embeddings --data synthetic --seed {exp.run.seed} "
-            f"--synthetic-n {exp.data.synthetic_train}`"
-        )
-    return CachedPairs(cache, tokens)
-
-
-def synthetic_data(exp: Experiment, image_size: int):
-    """(train images uint8, captions, evaluation sets) of the synthetic shapes set."""
-    from ..data.synthetic import ShapesConfig, classification_set, make_tensors
-
-    shapes = ShapesConfig(image_size=image_size, seed=exp.run.seed)
-    images, captions = make_tensors(shapes, exp.data.synthetic_train, "train")
-    per_class = max(1, exp.data.synthetic_val // len(shapes.colours) // len(shapes.shapes))
-    seen = classification_set(shapes, per_class, "seen_eval", classes="all")
-    unseen = classification_set(shapes, per_class, "unseen", classes="all")
-    ret_images, ret_caps = make_tensors(shapes, exp.data.synthetic_val, "seen_eval")
-    return images, captions, {"seen": seen, "unseen": unseen, "retrieval": (ret_images, ret_caps)}
-
-
-def synthetic_evaluators(sets: dict[str, Any], tokenizer) -> dict[str, Any]:
-    from ..eval import RetrievalEvaluator, ZeroShotEvaluator
-
-    templates = ["a {}.", "a photo of a {}.", "there is a {}."]
-    evs: dict[str, Any] = {}
-    for name in ("seen", "unseen"):
-        x, y, classnames = sets[name]
-        evs[f"zeroshot_{name}"] = ZeroShotEvaluator(classnames, templates, normalise_uint8(x), y)
-    x, caps = sets["retrieval"]
-    evs["retrieval"] = RetrievalEvaluator(normalise_uint8(x), caps, torch.arange(len(caps)))
-    return {k: (lambda m, ev=ev: ev.run(m, tokenizer)) for k, ev in evs.items()}
-
-
 @dataclass
 class Built:
     trainer: Trainer
@@ -224,23 +177,143 @@ class Built:
         return self.export_template
 
 
-def _train_transform(exp: Experiment, cfg):
-    from ..transforms import eval_transform, train_transform
+def input_preprocess(exp: Experiment, ckpt_preprocess: Any, image_source: Any) -> PreprocessConfig:
+    """The model's input preprocessing: the LiT image tower's, else the checkpoint's, else the preset's."""
+    if image_source is not None:  # LiT: the data follows the pretrained image tower's preprocessing
+        keep = ("image_size", "mean", "std", "interpolation")
+        return PreprocessConfig.from_dict({k: v for k, v in image_source.preprocess.items() if k in keep})
+    if getattr(ckpt_preprocess, "config", None) is not None:
+        return ckpt_preprocess.config
+    return PreprocessConfig(get_config(exp.model.preset).vision.image_size)
 
-    if exp.data.augment == "none":
-        return eval_transform(cfg)
-    return train_transform(cfg, mode=exp.data.augment)
+
+def open_data(exp: Experiment, image_size: int) -> Source:
+    """The experiment's data Source (wrapped by its embedding cache when `data.embedding_cache` is set)."""
+    fields = {**dataclasses.asdict(exp.data), "seed": exp.run.seed, "image_size": image_size}
+    source = open_source(exp.data.kind, fields)
+    if exp.data.embedding_cache:
+        source = EmbeddingCacheSource(exp.data.embedding_cache, made_from=source)
+    return source
+
+
+def build_tokenizer_and_model(
+    exp: Experiment, source: Source, ckpt: tuple[Any, Any], image_source: Any, resume: bool
+) -> tuple[Any, torch.nn.Module]:
+    """(tokenizer, model): a CLIP from the preset or the starting checkpoint, or a LiT model whose text
+    tower brings its own tokenizer (a scratch one uses model.tokenizer)."""
+    ckpt_model, ckpt_tok = ckpt
+    ctx = (ckpt_model.config if ckpt_model is not None else get_config(exp.model.preset)).text.context_length
+    if exp.model.lit is None:
+        tokenizer = build_tokenizer(exp, source.captions, ckpt_tok, ctx, resume)
+        return tokenizer, build_model(exp, tokenizer, ckpt_model)
+    tokenizer = None if exp.model.text_tower else build_tokenizer(exp, source.captions, None, ctx, resume)
+    model, tokenizer = build_lit(exp, tokenizer, image_source)
+    return tokenizer, model
+
+
+def data_stream(
+    exp: Experiment, source: Source, dataset: Any, dist_info: DistInfo, metrics: Path | None, progress: bool
+):
+    """Resumable batches of this rank; sources that can skip samples report their counts every epoch."""
+    d = exp.data
+    opts = StreamOptions(
+        batch_size=exp.train.batch_size,
+        seed=exp.run.seed,
+        shuffle=d.shuffle,
+        workers=d.workers,
+        pin_memory=dist_info.device.type == "cuda",
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
+    stream = source.stream(dataset, opts)
+    if source.skips is None:
+        return stream
+    echo = (tqdm.write if progress else print) if dist_info.is_main else (lambda msg: None)
+    return SkipReport(stream, source.skips, metrics if dist_info.is_main else None, echo=echo)
+
+
+def build_evaluators(
+    exp: Experiment, source: Source, preprocess: PreprocessConfig, tokenizer
+) -> dict[str, Callable]:
+    """The source's own evaluation sets, then `data.val` (retrieval) and `data.val_labelled` (zero-shot)."""
+    d = exp.data
+    evs = {name: evaluator_for(s) for name, s in source.eval_sets().items()}
+    evs.update(
+        validation_evaluators(
+            eval_transform(preprocess),
+            val=d.val,
+            val_labelled=d.val_labelled,
+            classnames=d.classnames,
+            templates=d.templates,
+            image_key=d.image_key,
+            caption_key=d.caption_key,
+            label_key=d.label_key,
+            caption_sep=d.caption_sep,
+            root=d.root,
+        )
+    )
+    return {k: (lambda m, ev=ev: ev.run(m, tokenizer)) for k, ev in evs.items()}
+
+
+def place_model(model: torch.nn.Module, exp: Experiment, dist_info: DistInfo):
+    """(model on its device, checkpointed and FSDP2-sharded as configured; rank 0's meta-device export
+    template under FSDP2, else None). Shard before the optimizer sees the parameters."""
+    t = exp.train
+    model = model.to(dist_info.device)
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if t.strategy == "fsdp" and dist_info.distributed:
+        # FSDP2 replaces the parameters by sharded ones. A meta-device copy (no memory) receives the
+        # gathered weights on rank 0 to export the trained model.
+        template = meta_copy(model) if dist_info.is_main else None
+        return shard_fsdp(model, unit=t.fsdp_unit), template
+    return model, None
+
+
+def build_optim(model: torch.nn.Module, exp: Experiment):
+    o = exp.optim
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+    if o.schedule == "cosine":
+        scheduler = cosine_schedule(
+            optimizer, o.warmup_steps, exp.train.steps, o.min_lr / o.lr if o.lr else 0.0
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps))
+        )
+    return optimizer, scheduler
+
+
+def build_step(exp: Experiment, cached: bool):
+    """The step function: the objective (global over ranks), exact accumulation, FLIP masking; batches of
+    {"image_embedding", "text"} when training from an embedding cache (the image tower never runs)."""
+    t = exp.train
+    loss = DistributedLoss(t.loss, t.loss_mode, t.lam)  # one process: exactly get_loss(t.loss)
+    if cached:
+        from ..lit.step import make_lit_step_fn
+
+        return make_lit_step_fn(loss, lam=t.lam, accum_steps=t.accum_steps)
+    return make_step_fn(
+        loss,
+        lam=t.lam,
+        accum_steps=t.accum_steps,
+        mask_ratio=t.mask_ratio,
+        unmasked_from_step=t.steps - t.unmasked_steps if t.unmasked_steps else None,
+    )
+
+
+def _scalars(m) -> dict[str, float]:
+    out = {"logit_scale": m.logit_scale.exp().item()}
+    if m.logit_bias is not None:
+        out["logit_bias"] = m.logit_bias.item()
+    return out
 
 
 def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) -> Built:
     """Everything `trainer.fit(resume=...)` needs, from the experiment config."""
-    from ..transforms import PreprocessConfig, eval_transform
-    from .data_sources import SkipReport, TrainSource, file_evaluators
-
     seed_everything(exp.run.seed)
     # torchrun: join the process group (NCCL/gloo); a single process otherwise. train.batch_size is global.
     dist_info = init_distributed(resolve_device(exp.train.device))
-    device = dist_info.device
     if exp.train.batch_size % dist_info.world_size:
         raise ValueError(
             f"train.batch_size={exp.train.batch_size} (the global batch) does not split over "
@@ -253,111 +326,29 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         from ..checkpoints import load
 
         ckpt_model, ckpt_preprocess, ckpt_tok = load(exp.model.checkpoint)
-    cfg = ckpt_model.config if ckpt_model is not None else get_config(exp.model.preset)
-    preprocess = getattr(ckpt_preprocess, "config", None) or PreprocessConfig(cfg.vision.image_size)
     image_source = lit_image_source(exp)
-    if image_source is not None:  # LiT: the data follows the pretrained image tower's preprocessing
-        preprocess = PreprocessConfig.from_dict(
-            {
-                k: v
-                for k, v in image_source.preprocess.items()
-                if k in ("image_size", "mean", "std", "interpolation")
-            }
-        )
-    ctx = cfg.text.context_length
+    preprocess = input_preprocess(exp, ckpt_preprocess, image_source)
+    source = open_data(exp, preprocess.image_size)
+    tokenizer, model = build_tokenizer_and_model(exp, source, (ckpt_model, ckpt_tok), image_source, resume)
+    model = model.train()
+    if isinstance(source, EmbeddingCacheSource):
+        source.check(model.visual, exp.model.image_tower)
+    if exp.data.augment == "none":
+        transform = eval_transform(preprocess)
+    else:
+        transform = train_transform(preprocess, mode=exp.data.augment)
+    dataset = source.dataset(transform, tokenizer, model.config.text.context_length)
     run_dir = RunDir(exp.run.output_dir)
-    t = exp.train
-    if exp.data.kind == "synthetic":
-        images, captions, sets = synthetic_data(exp, preprocess.image_size)
-        if exp.model.lit is None:
-            tokenizer = build_tokenizer(exp, captions, ckpt_tok, ctx, resume)
-            model = build_model(exp, tokenizer, ckpt_model)
-        else:  # a text_tower brings its own tokenizer; a scratch one uses model.tokenizer
-            tokenizer = None if exp.model.text_tower else build_tokenizer(exp, captions, None, ctx, resume)
-            model, tokenizer = build_lit(exp, tokenizer, image_source)
-        ctx = model.config.text.context_length
-        tokens = tokenizer(captions, context_length=ctx, truncate=True)
-        if exp.data.embedding_cache:
-            dataset: Any = cached_pairs(exp, model, tokens)
-        else:
-            dataset = TensorPairs(images, tokens)
-        data: Any = BatchStream(
-            dataset,
-            t.batch_size,
-            seed=exp.run.seed,
-            shuffle=exp.data.shuffle,
-            workers=exp.data.workers,
-            pin_memory=device.type == "cuda",
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-        )
-        evaluators = synthetic_evaluators(sets, tokenizer)
-    else:
-        source = TrainSource(exp)
-        if exp.model.lit is None:
-            tokenizer = build_tokenizer(exp, source.captions, ckpt_tok, ctx, resume)
-            model = build_model(exp, tokenizer, ckpt_model)
-        else:
-            tokenizer = (
-                None if exp.model.text_tower else build_tokenizer(exp, source.captions, None, ctx, resume)
-            )
-            model, tokenizer = build_lit(exp, tokenizer, image_source)
-        ctx = model.config.text.context_length
-        source.attach(_train_transform(exp, preprocess), tokenizer, ctx)
-        stream = source.stream(
-            t.batch_size,
-            exp.run.seed,
-            pin_memory=device.type == "cuda",
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-        )
-        echo = (tqdm.write if progress else print) if dist_info.is_main else (lambda msg: None)
-        metrics = run_dir.metrics if dist_info.is_main else None  # rank 0 alone writes
-        data = SkipReport(stream, source.skips, metrics, echo=echo)
-        evaluators = file_evaluators(exp, eval_transform(preprocess), tokenizer)
-    model = model.to(device)
-    if t.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    export_template = None
-    if t.strategy == "fsdp" and dist_info.distributed:
-        # FSDP2 replaces the parameters by sharded ones: shard before the optimizer sees them. A meta-device
-        # copy (no memory) receives the gathered weights on rank 0 to export the trained model.
-        export_template = meta_copy(model) if dist_info.is_main else None
-        model = shard_fsdp(model, unit=t.fsdp_unit)
-    o = exp.optim
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
-    if o.schedule == "cosine":
-        scheduler = cosine_schedule(optimizer, o.warmup_steps, t.steps, o.min_lr / o.lr if o.lr else 0.0)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / max(1, o.warmup_steps))
-        )
-    if t.strategy == "ddp":
+    data = data_stream(exp, source, dataset, dist_info, run_dir.metrics, progress)
+    evaluators = build_evaluators(exp, source, preprocess, tokenizer)
+    model, export_template = place_model(model, exp, dist_info)
+    optimizer, scheduler = build_optim(model, exp)
+    if exp.train.strategy == "ddp":
         model = wrap_ddp(model)  # several processes: DDP (after the optimizer saw the plain parameter names)
-    loss = DistributedLoss(t.loss, t.loss_mode, t.lam)  # one process: exactly get_loss(t.loss)
-    if exp.data.embedding_cache:  # batches of {"image_embedding", "text"}: the image tower never runs
-        from ..lit.step import make_lit_step_fn
-
-        step_fn = make_lit_step_fn(loss, lam=t.lam, accum_steps=t.accum_steps)
-    else:
-        step_fn = make_step_fn(
-            loss,
-            lam=t.lam,
-            accum_steps=t.accum_steps,
-            mask_ratio=t.mask_ratio,
-            unmasked_from_step=t.steps - t.unmasked_steps if t.unmasked_steps else None,
-        )
-
-    def scalars(m):
-        out = {"logit_scale": m.logit_scale.exp().item()}
-        if m.logit_bias is not None:
-            out["logit_bias"] = m.logit_bias.item()
-        return out
-
-    r = exp.run
+    r, t = exp.run, exp.train
     trainer = Trainer(
         model,
-        step_fn,
+        build_step(exp, cached=isinstance(source, EmbeddingCacheSource)),
         optimizer,
         scheduler,
         data,
@@ -366,7 +357,7 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         run_dir=run_dir,
         config=exp.to_dict(),
         precision=t.precision,
-        grad_clip=o.grad_clip,
+        grad_clip=exp.optim.grad_clip,
         evaluators=evaluators,
         eval_every=r.eval_every,
         checkpoint_every=r.checkpoint_every,
@@ -374,7 +365,7 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         log_every=r.log_every,
         max_nonfinite=t.max_nonfinite,
         after_step=lambda m: m.clamp_logit_scale(),
-        scalars=scalars,
+        scalars=_scalars,
         progress=progress,
         tensorboard=r.tensorboard,
     )

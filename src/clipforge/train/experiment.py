@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ..data.sources import SOURCES
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -46,7 +48,7 @@ class ModelSpec:
 class DataSpec:
     """Where pairs come from. `synthetic` needs no files; the others read `train` (and `val`)."""
 
-    kind: Literal["synthetic", "manifest", "folder", "webdataset"] = "synthetic"
+    kind: str = "synthetic"  # a key of clipforge.data.sources.SOURCES
     train: str | None = None  # manifest file, image folder, or shard pattern ("shards/{000..009}.tar")
     val: str | None = None  # held-out pairs -> retrieval recall@1/5/10 (a manifest, a folder or shards)
     # labelled images -> zero-shot top-1 with class-name prompts: a folder of class folders, or a
@@ -145,6 +147,8 @@ class Experiment:
             raise ValueError(f"train.unmasked_steps must be in [0, train.steps], got {t.unmasked_steps}")
         if self.run.keep_last < 1:
             raise ValueError(f"run.keep_last must be >= 1, got {self.run.keep_last}")
+        if self.data.kind not in SOURCES:
+            raise ValueError(f"data.kind must be one of {list(SOURCES)}, got {self.data.kind!r}")
         if self.data.kind != "synthetic" and not self.data.train:
             raise ValueError(f"data.kind={self.data.kind!r} needs data.train (a path)")
         if self.data.workers < 0:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from webdataset.utils import pytorch_worker_info
 
-from ..data.wds import WebDatasetPairs
+from .wds import WebDatasetPairs
 
 SPLIT_MODES = ("epoch", "resampled")
 

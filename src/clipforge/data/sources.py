@@ -1,0 +1,334 @@
+"""Where training pairs come from: one class per data kind behind one small interface (the Source contract).
+
+    source = SOURCES["manifest"](ManifestSource.Options(train="pairs.csv"))   # or open_source(kind, opts)
+    texts = source.captions()                        # every caption (e.g. to learn a BPE vocabulary)
+    data = source.dataset(transform, tokenizer, 77)  # {"image", "text"} items (map-style or a stream)
+    stream = source.stream(data, StreamOptions(batch_size=64, seed=0))   # resumable batches
+    source.eval_sets()                               # built-in evaluation inputs (the synthetic set's)
+
+The trainer, the embedding-cache writer and evaluation take any Source; adding a data kind means one class
+here and one entry in SOURCES. Data code receives the fields it needs (an `Options` dataclass per kind),
+never the whole experiment. Bad samples are counted by reason in `source.skips` (see data/skips.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from ..transforms import normalise_uint8
+from .embedding_cache import CachedPairs, CacheMismatchError, EmbeddingCache, weights_hash
+from .memory import TensorPairs
+from .pairs import PairDataset, open_pairs
+from .shard_split import DistributedWebDataset, check_shard_split
+from .skips import SkipCounter
+from .streams import BatchStream, IterableBatchStream, SeededTransformStream
+from .wds import shard_captions
+
+
+# ------------------------------------------------------------------------------------------ evaluation inputs
+@dataclass(frozen=True)
+class LabelledImages:
+    """Zero-shot classification input: images (normalised tensor (N, 3, S, S) or a Dataset of {"image",
+    "label"}), labels (None when the dataset carries them), class names and prompt templates."""
+
+    images: Any
+    labels: torch.Tensor | None
+    classnames: list[str]
+    templates: list[str]
+
+
+@dataclass(frozen=True)
+class CaptionedImages:
+    """Retrieval input: images (tensor or Dataset, in image order) and their captions (a flat list with
+    `text_to_image`, or one list of captions per image)."""
+
+    images: Any
+    captions: list[str] | list[list[str]]
+    text_to_image: torch.Tensor | None = None
+
+
+EvalSet = LabelledImages | CaptionedImages
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How batches are drawn: batch_size is the global batch; with several processes each loads its share."""
+
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    workers: int = 0
+    pin_memory: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+
+# ------------------------------------------------------------------------------------------ the contract
+class Source:
+    """The interface every data kind implements. Map-style kinds inherit `stream`; streams override it."""
+
+    kind: ClassVar[str]
+    skips: SkipCounter | None = None  # counts bad samples by reason (None: the kind cannot have any)
+
+    def captions(self) -> list[str]:
+        """Every training caption, in sample order (a BPE corpus; the text side of an embedding cache)."""
+        raise NotImplementedError
+
+    def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:
+        """{"image": tensor, "text": token ids} items (an IterableDataset for streaming kinds)."""
+        raise NotImplementedError
+
+    def stream(self, data: Dataset, opts: StreamOptions) -> BatchStream | IterableBatchStream:
+        """Endless, resumable batches of `data` (rows of the global batches for this rank)."""
+        return BatchStream(
+            data,
+            opts.batch_size,
+            seed=opts.seed,
+            shuffle=opts.shuffle,
+            workers=opts.workers,
+            pin_memory=opts.pin_memory,
+            rank=opts.rank,
+            world_size=opts.world_size,
+        )
+
+    def eval_sets(self) -> dict[str, EvalSet]:
+        """Evaluation inputs that come with the data itself (none for files: see data.val)."""
+        return {}
+
+    def identity(self) -> str:
+        """What the data is, for caches made from it."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------ kinds
+SYNTHETIC_TEMPLATES = ["a {}.", "a photo of a {}.", "there is a {}."]
+
+
+class SyntheticSource(Source):
+    """The built-in coloured shapes (data/synthetic.py), rendered in memory at `image_size`; its held-out
+    colour-shape combinations give zero-shot sets (seen / unseen) and a retrieval set."""
+
+    kind = "synthetic"
+
+    @dataclass(frozen=True)
+    class Options:
+        image_size: int
+        seed: int = 0
+        synthetic_train: int = 20000  # images (the names of the experiment's data fields)
+        synthetic_val: int = 512
+
+    def __init__(self, opts: Options) -> None:
+        from .synthetic import ShapesConfig, classification_set, make_tensors
+
+        self.opts = opts
+        shapes = ShapesConfig(image_size=opts.image_size, seed=opts.seed)
+        self.images, self._captions = make_tensors(shapes, opts.synthetic_train, "train")
+        per_class = max(1, opts.synthetic_val // len(shapes.colours) // len(shapes.shapes))
+        self._sets = {
+            name: classification_set(shapes, per_class, split, classes="all")
+            for name, split in (("seen", "seen_eval"), ("unseen", "unseen"))
+        }
+        self._retrieval = make_tensors(shapes, opts.synthetic_val, "seen_eval")
+
+    def captions(self) -> list[str]:
+        return list(self._captions)
+
+    def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:
+        # pre-rendered uint8 images; the whole caption list is tokenised at once (fast)
+        return TensorPairs(
+            self.images, tokenizer(self._captions, context_length=context_length, truncate=True)
+        )
+
+    def eval_sets(self) -> dict[str, EvalSet]:
+        sets: dict[str, EvalSet] = {}
+        for name, (x, y, classnames) in self._sets.items():
+            sets[f"zeroshot_{name}"] = LabelledImages(normalise_uint8(x), y, classnames, SYNTHETIC_TEMPLATES)
+        x, caps = self._retrieval
+        sets["retrieval"] = CaptionedImages(normalise_uint8(x), caps, torch.arange(len(caps)))
+        return sets
+
+    def identity(self) -> str:
+        return f"synthetic:{self.opts.seed}:{self.opts.synthetic_train}"
+
+
+@dataclass(frozen=True)
+class FileOptions:
+    """A manifest (CSV/TSV/JSONL) or an image folder with sidecar captions."""
+
+    train: str
+    image_key: str = "image"
+    caption_key: str = "caption"
+    caption_sep: str | None = "||"
+    root: str | None = None
+
+
+class _PairsSource(Source):
+    """Map-style pairs from files: a bad image is counted and replaced by the next readable one."""
+
+    def __init__(self, pairs: PairDataset, path: str) -> None:
+        self.pairs, self.path = pairs, path
+        self.skips = pairs.skips
+
+    def captions(self) -> list[str]:
+        return self.pairs.captions()
+
+    def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:
+        self.pairs.transform, self.pairs.tokenizer, self.pairs.context_length = (
+            transform,
+            tokenizer,
+            context_length,
+        )
+        return self.pairs
+
+    def identity(self) -> str:
+        return self.path
+
+
+class ManifestSource(_PairsSource):
+    kind = "manifest"
+    Options = FileOptions
+
+    def __init__(self, opts: FileOptions) -> None:
+        p = Path(opts.train)
+        if p.is_dir():
+            raise ValueError(f"data.train: {p} is a folder; use data.kind=folder, or give a manifest file")
+        # seed=None: caption choice from the global RNG, which BatchStream seeds per (epoch, sample)
+        pairs = open_pairs(
+            p,
+            retry=True,
+            image_key=opts.image_key,
+            caption_key=opts.caption_key,
+            sep=opts.caption_sep,
+            root=opts.root,
+        )
+        super().__init__(pairs, str(p))
+
+
+class FolderSource(_PairsSource):
+    kind = "folder"
+    Options = FileOptions
+
+    def __init__(self, opts: FileOptions) -> None:
+        p = Path(opts.train)
+        if not p.is_dir():
+            raise FileNotFoundError(f"data.train: image folder not found: {p}")
+        super().__init__(open_pairs(p, retry=True), str(p))
+
+
+class WebDatasetSource(Source):
+    """WebDataset tar shards, streamed: split over ranks and workers (`split`), a seeded shuffle buffer,
+    augmentation seeded by position (resumable)."""
+
+    kind = "webdataset"
+
+    @dataclass(frozen=True)
+    class Options:
+        train: str
+        seed: int = 0
+        caption_key: str = "caption"
+        shuffle: bool = True
+        shuffle_buffer: int = 1000
+        split: str = "epoch"
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.pairs = DistributedWebDataset(
+            opts.train,
+            split=opts.split,
+            shuffle_buffer=opts.shuffle_buffer if opts.shuffle else 0,
+            shuffle_shards=opts.shuffle,
+            seed=opts.seed,
+            caption_key=opts.caption_key,
+        )
+        self.skips = self.pairs.skips
+
+    def captions(self) -> list[str]:
+        return shard_captions(self.pairs.urls, self.opts.caption_key)
+
+    def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> IterableDataset:
+        self.pairs.tokenizer, self.pairs.context_length = tokenizer, context_length
+        return SeededTransformStream(self.pairs, transform, self.opts.seed)
+
+    def stream(self, data: Dataset, opts: StreamOptions) -> IterableBatchStream:
+        """Each rank reads batch_size / world_size pairs from its own shards."""
+        if self.opts.split == "epoch":  # a rank without shards would hang the job: stop every rank now
+            check_shard_split(len(self.pairs.urls), opts.world_size)
+        return IterableBatchStream(data, opts.batch_size // opts.world_size, workers=opts.workers)
+
+    def identity(self) -> str:
+        return self.opts.train
+
+
+class EmbeddingCacheSource(Source):
+    """A locked image tower's precomputed embeddings (`clipforge cache-embeddings`) paired with the captions
+    of the source they were made from: items {"image_embedding", "text"}; the image tower never runs."""
+
+    kind = "embedding_cache"
+
+    def __init__(self, cache_dir: str | Path, made_from: Source) -> None:
+        self.cache = EmbeddingCache(cache_dir)
+        self.where, self.made_from = str(cache_dir), made_from
+        self.skips = made_from.skips
+
+    def check(self, tower: torch.nn.Module, tower_name: str | None = None) -> None:
+        """Refuse a cache made by another tower or from other data (CacheMismatchError: what differs)."""
+        made = self.cache.index["fingerprint"]
+        if made.get("weights") != weights_hash(tower):
+            raise CacheMismatchError(
+                f"{self.where}: made by another image tower than model.image_tower={tower_name}; "
+                "rebuild it with `clipforge cache-embeddings --tower <that tower>`"
+            )
+        data, recorded = self.made_from.identity(), made.get("preprocess", {}).get("data")
+        if recorded != data:
+            raise CacheMismatchError(
+                f"{self.where}: holds embeddings of {recorded!r} but the training set is {data!r}; "
+                f"rebuild it with `clipforge cache-embeddings` from that data"
+            )
+
+    def captions(self) -> list[str]:
+        return self.made_from.captions()
+
+    def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:
+        return CachedPairs(
+            self.cache, tokenizer(self.captions(), context_length=context_length, truncate=True)
+        )
+
+    def eval_sets(self) -> dict[str, EvalSet]:
+        return self.made_from.eval_sets()
+
+    def identity(self) -> str:
+        return f"{self.where} <- {self.made_from.identity()}"
+
+
+# ------------------------------------------------------------------------------------------ registry
+SOURCES: dict[str, type[Source]] = {
+    "synthetic": SyntheticSource,
+    "manifest": ManifestSource,
+    "folder": FolderSource,
+    "webdataset": WebDatasetSource,
+}
+
+
+def source_options(kind: str, fields: dict[str, Any]) -> Any:
+    """The Options of `kind` filled from `fields` (e.g. the experiment's data section as a dict plus seed
+    and image_size); fields a kind does not take are ignored, so one data section serves every kind."""
+    if kind not in SOURCES:
+        raise ValueError(f"unknown data kind {kind!r}; one of {', '.join(SOURCES)}")
+    opts_cls = SOURCES[kind].Options  # type: ignore[attr-defined]
+    names = {f.name for f in dataclasses.fields(opts_cls)}
+    return opts_cls(**{k: v for k, v in fields.items() if k in names})
+
+
+def open_source(kind: str, fields: dict[str, Any]) -> Source:
+    return SOURCES[kind](source_options(kind, fields))  # type: ignore[call-arg]
+
+
+def kinds() -> Sequence[str]:
+    return tuple(SOURCES)

@@ -1,0 +1,322 @@
+"""Resumable batch streams over datasets, and per-epoch reports of the samples they skipped.
+
+    stream = BatchStream(dataset, 64, seed=0)              # map-style: (epoch, samples consumed)
+    stream = IterableBatchStream(shard_stream, 64)         # streams: batches consumed
+    stream = SkipReport(stream, dataset.skips, "runs/x/metrics.jsonl")
+
+The trainer iterates a stream and saves `state_dict()` with every checkpoint; a stream restored from it
+continues with the very next batch, so an interrupted run neither loses nor repeats data. Random
+augmentation is seeded from (seed, epoch, position), never from the order workers happen to run in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+from .seeding import forked_rng
+from .skips import SkipCounter
+
+
+# ------------------------------------------------------------------------------------------ streams
+def _seed_for(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF
+
+
+class _SeededItems(Dataset):
+    """dataset[(epoch, i)] = dataset[i] with random augmentation seeded by (seed, epoch, i).
+
+    Augmentations then depend only on the sample's position in the schedule, not on which worker draws
+    it or on whether the run was resumed in between.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        with forked_rng(_seed_for(self.seed, epoch, i)):
+            return self.dataset[i]
+
+
+class BatchStream:
+    """Endless batches from a map-style dataset with a resumable position (epoch, samples consumed).
+
+    Each epoch is a permutation drawn from (seed, epoch); incomplete last batches are dropped (a contrastive
+    batch should have a fixed size). `state_dict()` taken after a batch was handed out resumes with the
+    very next one: nothing is lost or repeated.
+
+    Data-parallel: batch_size is the global batch; rank r of world_size loads rows [r*b, (r+1)*b) of each
+    (b = batch_size / world_size). The order and the position are those of the global batches, so a run
+    yields the same batches at any world size and resumes at another one.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        workers: int = 0,
+        collate_fn: Callable | None = None,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} does not split over {world_size} ranks")
+        self.rank, self.local_batch = rank, batch_size // world_size
+        if isinstance(dataset, IterableDataset):
+            raise TypeError("BatchStream needs a map-style dataset; use IterableBatchStream for streams")
+        n = len(dataset)
+        if n < batch_size:
+            raise ValueError(f"the training set has {n} samples, fewer than one batch of {batch_size}")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.workers, self.collate_fn, self.pin_memory = workers, collate_fn, pin_memory
+        self.epoch, self.index = 0, 0
+        self.on_epoch_end: Callable[[int], None] | None = None  # called after an epoch's last batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    @property
+    def _mine(self) -> slice:
+        return slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+
+    def _order(self, epoch: int) -> list[int]:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[Any]:
+        items = _SeededItems(self.dataset, self.seed)
+        while True:
+            epoch, order = self.epoch, self._order(self.epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            full = len(order) - len(order) % self.batch_size
+            batches = [
+                [(epoch, i) for i in order[s : s + self.batch_size]][self._mine]
+                for s in range(self.index, full, self.batch_size)
+            ]
+            # A private generator: creating the loader must not consume the global RNG (resume exactness).
+            loader = DataLoader(
+                items,
+                batch_sampler=batches,
+                num_workers=self.workers,
+                collate_fn=self.collate_fn,
+                pin_memory=self.pin_memory,
+                generator=torch.Generator().manual_seed(self.seed),
+                persistent_workers=False,
+            )
+            for batch in loader:
+                self.index += self.batch_size
+                yield batch
+            if self.on_epoch_end is not None:  # every sample of the epoch has been loaded by now
+                self.on_epoch_end(epoch)
+            self.epoch, self.index = epoch + 1, 0
+
+    def skip_counts(self) -> dict[str, int]:
+        return _skip_counts(self.dataset)
+
+
+class IterableBatchStream:
+    """Batches from a streaming dataset (e.g. WebDataset shards); the position is the number of batches
+    consumed, and a resume skips that many (the stream's own order must be deterministic from its seed)."""
+
+    def __init__(
+        self, dataset: IterableDataset, batch_size: int, *, workers: int = 0, collate_fn=None
+    ) -> None:
+        self.dataset, self.batch_size, self.workers, self.collate_fn = (
+            dataset,
+            batch_size,
+            workers,
+            collate_fn,
+        )
+        self.epoch, self.index = 0, 0
+        self.on_epoch_end: Callable[[int], None] | None = None  # called after an epoch's last batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            if hasattr(self.dataset, "set_epoch"):  # shard order and shuffle buffer depend on the epoch
+                self.dataset.set_epoch(self.epoch)
+            loader = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                num_workers=self.workers,
+                collate_fn=self.collate_fn,
+                drop_last=True,
+                # a private generator: creating the loader must not consume the global RNG (resume)
+                generator=torch.Generator().manual_seed(self.epoch),
+            )
+            skip, seen = self.index // self.batch_size, 0
+            for k, batch in enumerate(loader):
+                seen += 1
+                if k < skip:
+                    continue
+                self.index += self.batch_size
+                yield batch
+            if seen == 0:
+                raise ValueError("the training stream yielded no complete batch")
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self.epoch)
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def skip_counts(self) -> dict[str, int]:
+        return _skip_counts(self.dataset)
+
+
+def _skip_counts(dataset: Any) -> dict[str, int]:
+    """Skipped-sample counts from the dataset's SkipCounter-like attribute, if it has one."""
+    for name in ("skips", "skip_counter", "skipped"):
+        counter = getattr(dataset, name, None)
+        if counter is None:
+            continue
+        for method in ("as_dict", "to_dict", "counts"):
+            fn = getattr(counter, method, None)
+            if callable(fn):
+                return dict(fn())
+        if isinstance(counter, Mapping):
+            return dict(counter)
+    inner = getattr(dataset, "dataset", None)
+    return _skip_counts(inner) if inner is not None and inner is not dataset else {}
+
+
+class SeededTransformStream(IterableDataset):
+    """A shard stream whose random augmentation is a function of (seed, epoch, worker, position).
+
+    WebDatasetPairs would otherwise draw crops from the global RNG, which a resumed run replays
+    differently (it re-reads the skipped batches after the RNG state was restored)."""
+
+    def __init__(self, pairs: IterableDataset, transform: Callable, seed: int) -> None:
+        self.pairs, self.transform, self.seed, self.epoch = pairs, transform, seed, 0
+        self.skips = pairs.skips
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.pairs.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        for n, item in enumerate(self.pairs):
+            with forked_rng(_seed_for(self.seed, self.epoch, (worker << 40) + n)):
+                image = self.transform(item["image"])
+            yield {"image": image, "text": item["text"]}
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def _sub(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    return {k: int(v) - int(b.get(k, 0)) for k, v in a.items() if int(v) - int(b.get(k, 0))}
+
+
+def _add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in {**a, **b}}
+
+
+def _fmt(counts: Mapping[str, int], examples: Mapping[str, list[str]] | None = None) -> str:
+    if not counts:
+        return "none"
+    examples = examples or {}
+    return ", ".join(
+        f"{k} {v}" + (f" (e.g. {examples[k][0]})" if examples.get(k) else "") for k, v in counts.items()
+    )
+
+
+class SkipReport:
+    """Wraps a batch stream: skip counts survive --resume (they travel in the data state) and each
+    epoch's counts are printed and appended to `metrics` when the epoch ends."""
+
+    def __init__(
+        self,
+        stream: BatchStream | IterableBatchStream,
+        skips: SkipCounter,
+        metrics: str | Path | None = None,
+        echo: Callable[[str], None] = tqdm.write,
+    ) -> None:
+        self.stream, self.skips, self.echo = stream, skips, echo
+        self.metrics = Path(metrics) if metrics is not None else None
+        self.batch_size = stream.batch_size
+        self.batches = 0  # batches handed out since the run began (= trainer steps)
+        self._earlier: dict[str, int] = {}  # counted by the processes before a resume
+        self._epoch_start: dict[str, int] = {}
+        stream.on_epoch_end = self._epoch_end
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def skip_counts(self) -> dict[str, int]:
+        """Counts by reason since the run began."""
+        return _add(self._earlier, self.skips.counts())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.stream.state_dict(),
+            "batches": self.batches,
+            "skipped": self.skip_counts(),
+            "skipped_at_epoch_start": dict(self._epoch_start),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self.batches = int(state.get("batches", 0))
+        # what this process counted so far (caption checks while reading) is in the saved totals already
+        self.skips.reset()
+        self._earlier = dict(state.get("skipped", {}))
+        self._epoch_start = dict(state.get("skipped_at_epoch_start", {}))
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.stream:
+            self.batches += 1
+            yield batch
+
+    def _record(self, epoch: int, partial: bool) -> dict[str, Any]:
+        total = self.skip_counts()
+        this = _sub(total, self._epoch_start)
+        record = {
+            "kind": "data",
+            "step": self.batches,
+            "epoch": epoch,
+            "partial": partial,
+            "skipped": this,
+            "skipped_total": total,
+        }
+        what = f"epoch {epoch} (so far)" if partial else f"epoch {epoch} done"
+        self.echo(
+            f"{what} at step {self.batches}: skipped {sum(this.values())} samples "
+            f"({_fmt(this, self.skips.examples())}); since the start: {_fmt(total)}"
+        )
+        if self.metrics is not None:
+            with self.metrics.open("a") as f:  # O_APPEND: whole lines next to the trainer's logger
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _epoch_end(self, epoch: int) -> None:
+        self._record(epoch, partial=False)
+        self._epoch_start = self.skip_counts()
+
+    def finish(self) -> dict[str, Any]:
+        """Report the (partial) epoch the run stopped in."""
+        return self._record(self.stream.epoch, partial=True)
