@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .datasets import ImageFolderDataset, ManifestClassificationDataset, RetrievalSet
+from .datasets import RetrievalSet, open_labelled, open_retrieval
 from .features import cached_image_features, encode_texts, model_fingerprint
 from .fewshot import DEFAULT_KS, few_shot_curve, plot_few_shot
 from .linear_probe import linear_probe
@@ -35,12 +35,7 @@ TASK_NAMES = {
 
 
 def classification_set(path, transform, classnames=None):
-    p = Path(path)
-    return (
-        ImageFolderDataset(p, transform, classnames)
-        if p.is_dir()
-        else ManifestClassificationDataset(p, transform, classnames)
-    )
+    return open_labelled(path, transform, classnames)
 
 
 def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pretrained: str = "") -> dict:
@@ -63,8 +58,8 @@ def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pre
         shards = [str(s) for s in (src if isinstance(src, list) else [src])]
         rs = (
             RetrievalSet.from_tars(shards, preprocess)
-            if shards[0].endswith(".tar")
-            else RetrievalSet.from_manifest(shards[0], preprocess)
+            if isinstance(src, list)
+            else open_retrieval(shards[0], preprocess)
         )
         img, _ = feats(src, rs.images)
         txt = encode_texts(model, tokenizer, rs.captions, bs, progress=True)
