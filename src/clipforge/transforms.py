@@ -31,6 +31,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # PIL warns above Image.MAX_IMAGE_PIXELS (89.5M) and refuses above twice that; we refuse with our own
 # error at PIL's hard limit by default (a 13k x 13k photo still loads).
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+# Resizing the short side to S makes the long side S x aspect: a 1 x 1,000,000 PNG (1 KB) would cost
+# gigabytes. Longer than 50:1 is refused by default (panoramas are ~4-10:1, banners rarely past 20:1).
+DEFAULT_MAX_ASPECT = 50.0
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -143,12 +146,14 @@ def load_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] | None = None,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
 ) -> Image.Image:
     """Open, fully decode, EXIF-rotate and convert an image file to RGB.
 
     Raises FileNotFoundError for a missing path and ImageLoadError (naming the file) for anything that
     is not a decodable image: unknown format, truncated data, or more than `max_pixels` pixels
-    (decompression-bomb guard; None disables ours, PIL's own hard limit still applies).
+    (decompression-bomb guard; None disables ours, PIL's own hard limit still applies), or a long side
+    more than `max_aspect` times the short side (checked from the header, before any pixel is decoded).
     """
     name = _name(source)
     if isinstance(source, (str, os.PathLike)):
@@ -173,6 +178,11 @@ def load_image(
             raise ImageLoadError(
                 f"image {name} is {w}x{h} = {w * h} pixels, above max_pixels={max_pixels} "
                 "(possible decompression bomb); pass a larger max_pixels to load it"
+            )
+        if max_aspect is not None and max(w, h) > max_aspect * max(1, min(w, h)):
+            raise ImageLoadError(
+                f"image {name} is {w}x{h}, more than {max_aspect:g}:1; resizing it would cost "
+                f"{max(w, h) / max(1, min(w, h)):.0f}x a square image's pixels (pass a larger max_aspect)"
             )
         try:
             img.load()  # decode now: truncated or corrupt data fails here, not in a worker later

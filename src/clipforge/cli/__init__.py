@@ -29,10 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ..train.runlock import RunLockedError
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"clipforge {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, RunLockedError) as e:
+        # bad input and full disks: one line naming the file and the problem, never a traceback
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        print(f"clipforge {args.command}: error: {msg}", file=sys.stderr)
         return 1
 
 

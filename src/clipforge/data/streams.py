@@ -12,6 +12,7 @@ augmentation is seeded from (seed, epoch, position), never from the order worker
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ from .skips import SkipCounter
 # ------------------------------------------------------------------------------------------ streams
 def _seed_for(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process. A scheduler's preemption signal goes
+    to the whole process group; a worker that died of it would crash the main process before it could
+    write its checkpoint at the step boundary. The main process stops the workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _SeededItems(Dataset):
@@ -117,6 +126,7 @@ class BatchStream:
             # A private generator: creating the loader must not consume the global RNG (resume exactness).
             loader = DataLoader(
                 items,
+                worker_init_fn=ignore_stop_signals,
                 batch_sampler=batches,
                 num_workers=self.workers,
                 collate_fn=self.collate_fn,
@@ -163,6 +173,7 @@ class IterableBatchStream:
                 self.dataset.set_epoch(self.epoch)
             loader = DataLoader(
                 self.dataset,
+                worker_init_fn=ignore_stop_signals,
                 batch_size=self.batch_size,
                 num_workers=self.workers,
                 collate_fn=self.collate_fn,

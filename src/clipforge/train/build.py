@@ -41,6 +41,7 @@ from .distributed import (
 )
 from .experiment import Experiment
 from .optim import build_optimizer, cosine_schedule
+from .runlock import RunLock
 from .runs import RunDir, seed_everything
 from .step import make_step_fn
 from .trainer import Trainer, TrainResult
@@ -51,7 +52,13 @@ __all__ = ["Built", "build_trainer", "export_model", "normalise_uint8", "run_exp
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but no CUDA GPU is visible here; use train.device=cpu or auto")
+    return device
 
 
 def build_tokenizer(
@@ -93,7 +100,10 @@ def build_tokenizer(
             tok = train_bpe(
                 tqdm(texts, desc="training BPE", leave=False, disable=len(texts) < 50_000), size, ctx
             )
-            tok.save(saved)
+            from ..checkpoints.save import atomic_directory
+
+            with atomic_directory(saved) as tmp:  # a resume never finds half a vocabulary
+                tok.save(tmp)
         barrier()
         return tok if is_main() else Tokenizer.load(saved)
     path = Path(kind)
@@ -394,14 +404,19 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preproc
 
 
 def run_experiment(exp: Experiment, resume: bool = False, progress: bool = True) -> TrainResult:
-    built = build_trainer(exp, progress=progress, resume=resume)
+    """Build and fit; one run per output directory (rank 0 holds the lock for the run's life)."""
+    lock = RunLock(exp.run.output_dir).acquire() if is_main() else None
     try:
+        built = build_trainer(exp, progress=progress, resume=resume)
         result = built.trainer.fit(resume=resume)
         if hasattr(built.data, "finish"):
             built.data.finish()  # the skip counts of the epoch the run ended in
         module = built.exported_module()  # FSDP2: gathered on every rank
         if module is not None:
             export_model(module, built.tokenizer, exp.run.output_dir, built.preprocess)
+        barrier()  # every rank leaves together: none tears the process group down under another
     finally:
         cleanup()  # leave the process group (torchrun runs); nothing in a single process
+        if lock is not None:
+            lock.release()
     return result

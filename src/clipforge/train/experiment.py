@@ -213,8 +213,17 @@ def load_experiment(
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"experiment config not found: {p}")
-        text = p.read_text()
-        d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        try:
+            text = p.read_text(encoding="utf-8")
+            d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise ValueError(f"experiment config {p} is not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if d is None:
             d = {}
         if not isinstance(d, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,10 @@ class MetricsLogger:
         path = Path(path)
         if not path.exists():
             return
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)  # a crash mid-rewrite leaves the old file, never half of it
 
 
 def _jsonable(x: Any) -> Any:
@@ -65,7 +64,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):  # only the last line may be cut (a crash or a full disk mid-write)
+                raise ValueError(f"{path}:{n}: not a JSON record; the metrics file is damaged") from None
+            print(f"note: {path}:{n}: dropped a cut last line (the run was stopped mid-write)")
+    return records
 
 
 def plot_metrics(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:

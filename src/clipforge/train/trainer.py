@@ -218,7 +218,13 @@ class Trainer:
         metrics: dict[str, float] = {}
         for name, ev in self.evaluators.items():
             run = getattr(ev, "run", ev)
-            for k, v in run(self.module).items():
+            try:
+                values = run(self.module)
+            except (OSError, ValueError, RuntimeError) as e:  # bad evaluation data never costs the run
+                if self.is_main:
+                    tqdm.write(f"evaluation {name!r} failed at step {self.step} and was left out: {e}")
+                continue
+            for k, v in values.items():
                 metrics[f"{name}/{k}"] = float(v)
         self.model.train()
         return metrics
