@@ -1,0 +1,173 @@
+"""Fault injection: concurrent runs, preemption of the whole process group, cut files, bad configs,
+failing evaluations, hostile image sizes. Each case must end in a clear one-line error or a resumable run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.cli import main
+from clipforge.train.metrics import MetricsLogger, read_metrics
+from clipforge.train.runlock import RunLock, RunLockedError
+from clipforge.transforms import ImageLoadError, load_image
+
+CLIPFORGE = [sys.executable, "-m", "clipforge"]
+
+
+def _train_args(out: Path, steps: int = 2, *extra: str) -> list[str]:
+    return [
+        "model.preset=tiny-vit",
+        "model.tokenizer=openai",
+        "model.context_length=16",
+        "data.synthetic_train=32",
+        "data.synthetic_val=16",
+        "train.batch_size=8",
+        f"train.steps={steps}",
+        "train.device=cpu",
+        "run.log_every=1",
+        "run.tensorboard=false",
+        f"run.output_dir={out}",
+        *extra,
+    ]
+
+
+# ------------------------------------------------------------------------------------------ one run per dir
+def test_second_run_on_a_locked_dir_is_refused_naming_the_holder(tmp_path, capsys):
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on "):
+            RunLock(tmp_path / "run").acquire()
+        assert main(["train", "--no-progress", *_train_args(tmp_path / "run")]) == 1
+        err = capsys.readouterr().err
+        assert "in use by another clipforge run" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # the refused run wrote nothing
+    RunLock(tmp_path / "run").acquire().release()  # released on exit: free again
+
+
+def test_stale_lock_after_kill9_is_taken_over(tmp_path):
+    code = (
+        "import os, sys; from clipforge.train.runlock import RunLock; "
+        f"RunLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), 9)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] != os.getpid()  # the dead holder's record
+    lock = RunLock(tmp_path).acquire()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+# ------------------------------------------------------------------------------------------ preemption
+def test_sigterm_to_the_process_group_with_workers_writes_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = _train_args(out, 2000, "data.workers=2", "run.checkpoint_every=0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*CLIPFORGE, "train", "--no-progress", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as a SLURM job step
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(read_metrics(out / "metrics.jsonl")) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGTERM)  # main process and DataLoader workers alike
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert "SIGTERM at step" in stdout and "checkpoint saved" in stdout
+    assert "Traceback" not in stderr
+    assert list((out / "checkpoints").iterdir()), "no checkpoint written"
+
+
+# ------------------------------------------------------------------------------------------ cut files
+def test_a_cut_last_metrics_line_is_dropped_and_resume_continues(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "st')
+    assert read_metrics(path) == records
+    MetricsLogger.truncate_after(path, 2)
+    assert read_metrics(path) == records[:2]
+    path.write_text(json.dumps(records[0]) + "\n{broken\n" + json.dumps(records[1]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON record"):
+        read_metrics(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("bad.yaml", "train:\n  steps: [1,\n", "bad.yaml:"),
+        ("bad.json", '{"train": {"steps": }', "bad.json:1"),
+    ],
+)
+def test_malformed_config_is_one_line_naming_file_and_line(tmp_path, capsys, name, text, where):
+    (tmp_path / name).write_text(text)
+    assert main(["train", "--config", str(tmp_path / name)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert where in err and "not valid" in err and "\n" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--no-progress", *_train_args(tmp_path / "r"), "train.device=cuda"]) == 1
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_a_failing_evaluation_never_costs_the_checkpoint(tmp_path):
+    from clipforge.data.streams import BatchStream
+    from clipforge.train.runs import RunDir
+    from clipforge.train.trainer import Trainer
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"x": torch.randn(4)}
+
+    model = torch.nn.Linear(4, 1)
+
+    def step_fn(m, batch, step, backward):
+        loss = m(batch["x"]).pow(2).mean()
+        backward(loss)
+        return loss.detach()
+
+    def broken(m):
+        raise ValueError("val/bad.png: cannot identify image file")
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(model, step_fn, opt, None, BatchStream(Pairs(), 4), steps=3, batch_size=4,
+                      run_dir=RunDir(tmp_path), evaluators={"zeroshot": broken, "ok": lambda m: {"a": 1.0}},
+                      progress=False, tensorboard=False)  # fmt: skip
+    result = trainer.fit()
+    assert result.step == 3 and result.eval == {"ok/a": 1.0}
+    assert RunDir(tmp_path).latest_checkpoint() is not None
+
+
+# ------------------------------------------------------------------------------------------ hostile images
+def test_extreme_aspect_ratio_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "strip.png"
+    Image.new("L", (1, 100_000)).save(path)  # ~100 bytes; resized to 224 short side: 22M pixels
+    assert path.stat().st_size < 2000
+    with pytest.raises(ImageLoadError, match=r"strip\.png is 1x100000, more than 50:1"):
+        load_image(path)
+    assert load_image(path, max_aspect=None).size == (1, 100_000)  # opt-out still works
+    Image.new("RGB", (400, 100)).save(tmp_path / "wide.png")
+    assert load_image(tmp_path / "wide.png").size == (400, 100)  # ordinary panoramas load
