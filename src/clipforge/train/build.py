@@ -20,19 +20,10 @@ from tqdm.auto import tqdm
 from ..config import get_config
 from ..data.memory import TensorPairs
 from ..models import create_model
-from .distributed import (
-    DistributedLoss,
-    barrier,
-    cleanup,
-    init_distributed,
-    is_fsdp,
-    is_main,
-    meta_copy,
-    model_state_dict,
-    shard_fsdp,
-    wrap_ddp,
-)
+from .dist import barrier, cleanup, init_distributed, is_main
 from .experiment import Experiment
+from .fsdp import is_fsdp, meta_copy, model_state_dict, shard_fsdp, wrap_ddp
+from .global_loss import DistributedLoss
 from .optim import build_optimizer, cosine_schedule
 from .runs import RunDir, seed_everything
 from .step import make_step_fn

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from ..data.seeding import forked_rng
-from .distributed import any_rank, full_training_state, is_fsdp, is_main, load_full_training_state
+from .dist import any_rank, is_main
+from .fsdp import full_training_state, is_fsdp, load_full_training_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .runs import RunDir, load_checkpoint, rng_state, set_rng_state
 
