@@ -279,6 +279,16 @@ def test_single_process_is_the_plain_loss(monkeypatch):
         DistributedLoss("clip", "sideways")
 
 
+def test_gather_bytes_per_step_follows_what_each_loss_gathers():
+    from clipforge.train.global_loss import gather_bytes_per_step
+
+    # global 8 over 2 ranks, D = 4: each rank receives 4 rows x 4 floats x 4 bytes per gathered tensor
+    clip = {"received_bytes": 2 * 64, "backward_bytes": 2 * 64, "logits_per_rank": 2 * 4 * 8}
+    siglip = {"received_bytes": 64, "backward_bytes": 64, "logits_per_rank": 4 * 8}  # texts only
+    assert gather_bytes_per_step(8, 4, 2, "clip") == clip
+    assert gather_bytes_per_step(8, 4, 2, "siglip") == siglip
+
+
 def test_missing_master_addr_is_a_clear_error(monkeypatch):
     from clipforge.train.dist import init_distributed
 

@@ -11,8 +11,10 @@ equal batches): the averaged gradient is then exactly the single-process gradien
 value is L itself on every rank (an all-reduced number with w_r L_r's gradient), so logs and non-finite
 checks agree across ranks.
 
-SigLIP (Zhai et al. 2023) covers every (image, text) pair of the global batch once: local images against
-all texts, so only text features are gathered; normalised by the global batch, as the 1-process loss.
+What each objective gathers and how it scores the local rows is its registry entry
+(clipforge.loss.OBJECTIVES: `gathers` and the `gathered` form); this module only gathers and weighs.
+SigLIP (Zhai et al. 2023), for example, gathers only the text features: local images against all texts
+cover every pair of the global batch once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from ..loss import clip_loss, clip_loss_local_vs_global, siglip_loss
+from ..loss import get_objective
 from .dist import is_distributed
 
 MODES = ("global", "local")
@@ -69,29 +71,22 @@ def _rebase(loss: torch.Tensor, weight: float) -> torch.Tensor:
 class DistributedLoss:
     """`loss_fn(image_features, text_features, logit_scale, logit_bias)` of a rank's local batch.
 
-    name "clip" (softmax, ConVIRT weight `lam`) or "siglip"; mode "global" (every rank against the
-    gathered global batch) or "local" (each rank's batch alone, LiT's comparison). In both modes the DDP-
-    averaged gradient is the gradient of the returned value, which is the same on every rank: the global
-    batch's loss ("global"), or the batch-weighted mean of the per-rank losses ("local"). A single
-    process gives exactly clipforge.loss.get_loss(name). Pass it to contrastive_step / make_step_fn.
+    name: a key of clipforge.loss.OBJECTIVES ("clip": softmax, ConVIRT weight `lam`; "siglip"); mode
+    "global" (every rank against the gathered global batch) or "local" (each rank's batch alone, LiT's
+    comparison). In both modes the DDP-averaged gradient is the gradient of the returned value, which is
+    the same on every rank: the global batch's loss ("global"), or the batch-weighted mean of the per-rank
+    losses ("local"). A single process gives exactly clipforge.loss.get_loss(name). Pass it to
+    contrastive_step / make_step_fn.
     """
 
     def __init__(self, name: str = "clip", mode: str = "global", lam: float = 0.5) -> None:
-        if name not in ("clip", "siglip"):
-            raise ValueError(f"unknown loss {name!r}; choose 'clip' or 'siglip'")
+        self.objective = get_objective(name)
         if mode not in MODES:
             raise ValueError(f"unknown loss mode {mode!r}; choose one of {MODES}")
         self.name, self.mode, self.lam = name, mode, lam
 
     def __repr__(self) -> str:
         return f"DistributedLoss({self.name!r}, mode={self.mode!r}, lam={self.lam})"
-
-    def _local(self, img, txt, scale, bias, labels=None) -> torch.Tensor:
-        if self.name == "clip":
-            return clip_loss(img, txt, scale, lam=self.lam, labels=labels)
-        if bias is None:
-            raise ValueError("siglip loss needs a model with a logit_bias (config init_logit_bias, e.g. -10)")
-        return siglip_loss(img, txt, scale, bias, labels=labels)
 
     def __call__(
         self,
@@ -100,24 +95,22 @@ class DistributedLoss:
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        obj, lam = self.objective, self.lam
         if not is_distributed():
-            return self._local(image_features, text_features, logit_scale, logit_bias)
+            return obj.local(image_features, text_features, logit_scale, logit_bias, lam=lam)
         n, rank, world = image_features.shape[0], dist.get_rank(), dist.get_world_size()
         sizes = gather_sizes(n, image_features.device)
         total = sum(sizes)
         weight = world * n / total  # DDP divides by world; rank r's share of the global mean is n / total
         if self.mode == "local":
-            return _rebase(self._local(image_features, text_features, logit_scale, logit_bias), weight)
+            return _rebase(obj.local(image_features, text_features, logit_scale, logit_bias, lam=lam), weight)
         offset = sum(sizes[:rank])
-        all_txt = gather_with_grad(text_features, sizes)  # (M, D)
-        if self.name == "siglip":  # local images x all texts covers each pair of the global batch once
-            labels = torch.arange(offset, offset + n, device=image_features.device)
-            loss = self._local(image_features, all_txt, logit_scale, logit_bias, labels=labels)
-        else:
-            all_img = gather_with_grad(image_features, sizes)  # (M, D)
-            loss = clip_loss_local_vs_global(
-                image_features, text_features, all_img, all_txt, logit_scale, offset, lam=self.lam
-            )
+        # every rank runs the same collectives in the same order (texts first), whatever the objective
+        all_txt = gather_with_grad(text_features, sizes) if "text" in obj.gathers else None  # (M, D)
+        all_img = gather_with_grad(image_features, sizes) if "image" in obj.gathers else None  # (M, D)
+        loss = obj.gathered(
+            image_features, text_features, all_img, all_txt, logit_scale, logit_bias, offset, lam=lam
+        )
         return _rebase(loss, weight)
 
 
@@ -127,7 +120,7 @@ def gather_bytes_per_step(
     """All-gather traffic of one step of the global loss, fp32: bytes each rank receives (forward; the
     backward's reduce-scatter moves the same amount again) and the per-rank logits it materialises."""
     local = global_batch // world
-    tensors = 2 if name == "clip" else 1
+    tensors = len(get_objective(name).gathers)
     received = tensors * (global_batch - local) * embed_dim * 4
-    logits = (2 if name == "clip" else 1) * local * global_batch
+    logits = tensors * local * global_batch  # each gathered tensor meets the local rows: one n x M matrix
     return {"received_bytes": received, "backward_bytes": received, "logits_per_rank": logits}
