@@ -4,7 +4,7 @@
     python benchmarks/loss_memory.py --world 4 --max-measured 16384
 
 Features only (random unit vectors, no towers): each rank holds n = M / world rows and runs the global loss
-of clipforge.train.distributed (all_gather with gradients, n x M logits) forward + backward. Memory is the
+of clipforge.train.global_loss (all_gather with gradients, n x M logits) forward + backward. Memory is the
 rise of the process's peak RSS over its RSS before the call (glibc serves these large blocks by mmap, so
 the high-water mark is the loss's peak); sizes run in increasing order in one process group per loss, so
 every size sets a new high-water mark. Sizes above --max-measured are not run: their memory is the
@@ -48,10 +48,11 @@ def _worker(
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from clipforge.train import distributed as D
+    from clipforge.train.dist import barrier, cleanup, init_distributed
+    from clipforge.train.global_loss import DistributedLoss
 
-    D.init_distributed(device="cpu")
-    loss_fn = D.DistributedLoss(name)
+    init_distributed(device="cpu")
+    loss_fn = DistributedLoss(name)
     g = torch.Generator().manual_seed(rank)
     rows = []
     for m in sizes:
@@ -62,7 +63,7 @@ def _worker(
         bias = torch.tensor(-10.0, requires_grad=True)
         times = []
         for r in range(repeats):
-            D.barrier()
+            barrier()
             before = _rss_bytes()
             t0 = time.perf_counter()
             loss_fn(img, txt, scale, bias).backward()
@@ -73,7 +74,7 @@ def _worker(
         rows.append({"global_batch": m, "local_batch": n, "seconds": min(times), "loss_bytes": mem})
         del img, txt
     out.put((rank, rows))
-    D.cleanup()
+    cleanup()
 
 
 def _free_port() -> int:
@@ -119,7 +120,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="loss_memory.json")
     args = ap.parse_args()
-    from clipforge.train.distributed import gather_bytes_per_step
+    from clipforge.train.global_loss import gather_bytes_per_step
 
     table, data = [], {"world": args.world, "dim": args.dim, "rows": []}
     for name in ("clip", "siglip"):

@@ -5,7 +5,7 @@
 
 Weak scaling: every rank keeps the same local batch, so W ranks train on a W x larger global batch.
 A step is what the trainer runs: DDP-wrapped model, contrastive_step with the global loss
-(clipforge.train.distributed.DistributedLoss: all-gathered features with gradients), AdamW step.
+(clipforge.train.global_loss.DistributedLoss: all-gathered features with gradients), AdamW step.
 Efficiency = samples/s(W) / (W x samples/s(1)). Each configuration runs in fresh processes with the same
 number of threads per rank, so 2 ranks use 2 cores where 1 rank uses 1; the "1 x 2 threads" row shows
 what one process makes of both cores. On a CPU shared with other jobs the numbers are noisy.
@@ -46,18 +46,20 @@ def _worker(
     torch.set_num_threads(threads)
     from clipforge.config import get_config
     from clipforge.models import create_model
-    from clipforge.train import distributed as D
+    from clipforge.train.dist import barrier, cleanup, init_distributed
+    from clipforge.train.fsdp import wrap_ddp
+    from clipforge.train.global_loss import DistributedLoss
     from clipforge.train.step import contrastive_step
 
-    info = D.init_distributed(device=device)
+    info = init_distributed(device=device)
     cfg = get_config(args.preset)
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=args.vocab))
     torch.manual_seed(0)
-    model = D.wrap_ddp(create_model(cfg).to(info.device))
+    model = wrap_ddp(create_model(cfg).to(info.device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-6)
     images, texts = _batch(args.batch, cfg.vision.image_size, args.vocab, seed=rank)
     images, texts = images.to(info.device), texts.to(info.device)
-    loss_fn = D.DistributedLoss("clip")
+    loss_fn = DistributedLoss("clip")
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -68,15 +70,15 @@ def _worker(
         step()
     if info.device.type == "cuda":
         torch.cuda.synchronize()
-    D.barrier()
+    barrier()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     if info.device.type == "cuda":
         torch.cuda.synchronize()
-    D.barrier()
+    barrier()
     out.put((rank, time.perf_counter() - t0))
-    D.cleanup()
+    cleanup()
 
 
 def _free_port() -> int:

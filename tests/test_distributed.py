@@ -75,47 +75,57 @@ class _MaxNumel(TorchDispatchMode):
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     set_rank_env(rank, world, port)
-    from clipforge.train import distributed as D
+    from clipforge.train.dist import cleanup, init_distributed, is_main
+    from clipforge.train.fsdp import (
+        load_model_state_dict,
+        load_sharded,
+        model_state_dict,
+        save_sharded,
+        shard_fsdp,
+        unwrap,
+        wrap_ddp,
+    )
+    from clipforge.train.global_loss import DistributedLoss
 
-    info = D.init_distributed(device="cpu")
+    info = init_distributed(device="cpu")
     assert info.backend == "gloo" and info.world_size == world and info.rank == rank
-    results: dict = {"is_main": D.is_main()}
+    results: dict = {"is_main": is_main()}
     images, texts = random_batch(B * world, 32, VOCAB)
     mine = slice(rank * B, (rank + 1) * B)
     for name, accum in SCENARIOS:
-        model = D.wrap_ddp(_model(siglip=name == "siglip"))
+        model = wrap_ddp(_model(siglip=name == "siglip"))
         opt = _adamw(model)
-        res = contrastive_step(model, images[mine], texts[mine], D.DistributedLoss(name), accum_steps=accum)
-        grads = {k: p.grad.clone() for k, p in D.unwrap(model).named_parameters() if p.grad is not None}
+        res = contrastive_step(model, images[mine], texts[mine], DistributedLoss(name), accum_steps=accum)
+        grads = {k: p.grad.clone() for k, p in unwrap(model).named_parameters() if p.grad is not None}
         opt.step()
         results[(name, accum)] = {
             "loss": res.loss,
             "grads": grads,
-            "params": {k: v.detach().clone() for k, v in D.unwrap(model).state_dict().items()},
+            "params": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
         }
     # FSDP2 (per-block units): same step; consolidated and sharded checkpoints
     for name, accum in FSDP_SCENARIOS:
-        model = D.shard_fsdp(_model(siglip=name == "siglip"))
+        model = shard_fsdp(_model(siglip=name == "siglip"))
         opt = _adamw(model)
-        res = contrastive_step(model, images[mine], texts[mine], D.DistributedLoss(name), accum_steps=accum)
+        res = contrastive_step(model, images[mine], texts[mine], DistributedLoss(name), accum_steps=accum)
         grads = {k: _full(p.grad) for k, p in model.named_parameters() if p.grad is not None}
         opt.step()
         results[("fsdp", name, accum)] = {
             "loss": res.loss,
             "grads": grads,
-            "params": D.model_state_dict(model),
+            "params": model_state_dict(model),
         }
-    D.save_sharded(model, opt, os.path.join(out_dir, "sharded"))
-    fresh = D.shard_fsdp(_model(siglip=True))
+    save_sharded(model, opt, os.path.join(out_dir, "sharded"))
+    fresh = shard_fsdp(_model(siglip=True))
     fresh_opt = _adamw(fresh)
-    D.load_sharded(fresh, fresh_opt, os.path.join(out_dir, "sharded"))
-    results["sharded_reload"] = D.model_state_dict(fresh)
+    load_sharded(fresh, fresh_opt, os.path.join(out_dir, "sharded"))
+    results["sharded_reload"] = model_state_dict(fresh)
     results["sharded_dir"] = os.path.join(out_dir, "sharded")
-    fresh = D.shard_fsdp(_model(siglip=True))
-    D.load_model_state_dict(
+    fresh = shard_fsdp(_model(siglip=True))
+    load_model_state_dict(
         fresh, results[("fsdp", "siglip", 1)]["params"] if rank == 0 else {}, broadcast=True
     )
-    results["consolidated_reload"] = D.model_state_dict(fresh)
+    results["consolidated_reload"] = model_state_dict(fresh)
     # features only: local mode, uneven batches, the logits bound
     sizes = [8 + (r == 0) for r in range(world)]  # rank 0 holds one more row
     img, txt = _features(sum(sizes))  # D = 4 < batch: the logits are the largest tensors
@@ -128,7 +138,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             bias = torch.tensor(-3.0, requires_grad=True)
             counter = _MaxNumel()
             with counter:
-                loss = D.DistributedLoss(name, mode)(i, t, scale, bias)
+                loss = DistributedLoss(name, mode)(i, t, scale, bias)
                 loss.backward()
             results[(name, mode, "features")] = {
                 "loss": float(loss.detach()),
@@ -142,11 +152,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "m": sum(sizes),
             }
     # consolidated checkpoint round trip through the DDP wrapper
-    model = D.wrap_ddp(_model())
-    sd = D.model_state_dict(model)
+    model = wrap_ddp(_model())
+    sd = model_state_dict(model)
     results["state_keys"] = sorted(sd)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    D.cleanup()
+    cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -249,33 +259,45 @@ def test_rank_helpers_and_unprefixed_state_dict(ranks):
 
 
 def test_single_process_is_the_plain_loss(monkeypatch):
-    from clipforge.train import distributed as D
+    from clipforge.train.dist import init_distributed
+    from clipforge.train.fsdp import unwrap, wrap_ddp
+    from clipforge.train.global_loss import DistributedLoss
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    info = D.init_distributed(device="cpu")
+    info = init_distributed(device="cpu")
     assert (info.rank, info.world_size, info.backend, info.is_main) == (0, 1, None, True)
     img, txt = _features(6)
     scale, bias = torch.tensor(5.0), torch.tensor(-2.0)
     for name in ("clip", "siglip"):
-        assert float(D.DistributedLoss(name)(img, txt, scale, bias)) == pytest.approx(
+        assert float(DistributedLoss(name)(img, txt, scale, bias)) == pytest.approx(
             float(get_loss(name)(img, txt, scale, bias))
         )
     model = _model()
-    assert D.wrap_ddp(model) is model and D.unwrap(model) is model
+    assert wrap_ddp(model) is model and unwrap(model) is model
     with pytest.raises(ValueError, match="mode"):
-        D.DistributedLoss("clip", "sideways")
+        DistributedLoss("clip", "sideways")
+
+
+def test_gather_bytes_per_step_follows_what_each_loss_gathers():
+    from clipforge.train.global_loss import gather_bytes_per_step
+
+    # global 8 over 2 ranks, D = 4: each rank receives 4 rows x 4 floats x 4 bytes per gathered tensor
+    clip = {"received_bytes": 2 * 64, "backward_bytes": 2 * 64, "logits_per_rank": 2 * 4 * 8}
+    siglip = {"received_bytes": 64, "backward_bytes": 64, "logits_per_rank": 4 * 8}  # texts only
+    assert gather_bytes_per_step(8, 4, 2, "clip") == clip
+    assert gather_bytes_per_step(8, 4, 2, "siglip") == siglip
 
 
 def test_missing_master_addr_is_a_clear_error(monkeypatch):
-    from clipforge.train import distributed as D
+    from clipforge.train.dist import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
-        D.init_distributed(device="cpu")
+        init_distributed(device="cpu")
 
 
 # ------------------------------------------------------------------------------------------ data split

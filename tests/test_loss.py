@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.loss import clip_loss, clip_loss_local_vs_global, get_loss, siglip_loss
+from clipforge.loss import (
+    OBJECTIVES,
+    clip_loss,
+    clip_loss_local_vs_global,
+    get_loss,
+    get_objective,
+    siglip_loss,
+)
 
 
 def _dot(x, y, i, j):
@@ -167,3 +174,57 @@ def test_get_loss_uniform_signature():
     x, y = _features(3, 3)
     assert torch.equal(get_loss("clip", lam=0.2)(x, y, 3.0, None), clip_loss(x, y, 3.0, lam=0.2))
     assert torch.equal(get_loss("siglip")(x, y, 3.0, -1.0), siglip_loss(x, y, 3.0, -1.0))
+
+
+# ------------------------------------------------------------------------------------------ the registry
+# Every entry of OBJECTIVES is checked here without edits: a new objective gets these tests for free.
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("sizes", [[3], [2, 2], [3, 1, 2]])
+def test_objective_gathered_form_averages_to_local_form(name, sizes):
+    """One process plays every rank: rank r holds rows offset_r .. offset_r + n_r - 1 and sees the gathered
+    features it declares in `gathers` (None for the others). sum_r (n_r / M) gathered_r == local(all), values
+    and gradients; slicing the same leaf sums every rank's gradient into the owner's rows, as all_gather's
+    backward does."""
+    obj = OBJECTIVES[name]
+    m = sum(sizes)
+    x, y = _features(m, m, seed=len(sizes))
+    scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-4.0, dtype=torch.float64, requires_grad=True)
+    all_img = x if "image" in obj.gathers else None
+    all_txt = y if "text" in obj.gathers else None
+    total, offset = 0.0, 0
+    for n in sizes:
+        rows = slice(offset, offset + n)
+        total = total + n / m * obj.gathered(x[rows], y[rows], all_img, all_txt, scale, bias, offset, lam=0.3)
+        offset += n
+    whole = obj.local(x, y, scale, bias, lam=0.3)
+    torch.testing.assert_close(total, whole, rtol=1e-10, atol=1e-12)
+    for a, b in zip(_grads(total, (x, y, scale)), _grads(whole, (x, y, scale))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_objective_facts_hold(name):
+    obj = OBJECTIVES[name]
+    assert set(obj.gathers) <= {"image", "text"} and obj.gathers and obj.bytes_per_logit > 0
+    x, y = _features(3, 3)
+    assert torch.equal(get_loss(name, lam=0.2)(x, y, 5.0, -1.0), obj.local(x, y, 5.0, -1.0, lam=0.2))
+    if obj.needs_bias:
+        with pytest.raises(ValueError, match="logit_bias"):
+            obj.local(x, y, 5.0, None)
+        with pytest.raises(ValueError, match="logit_bias"):
+            obj.gathered(x[:1], y[:1], x, y, 5.0, None, 0)
+    else:
+        assert torch.isfinite(obj.local(x, y, 5.0, None))
+        assert torch.isfinite(obj.gathered(x[:1], y[:1], x, y, 5.0, None, 0))
+
+
+def test_registry_names_are_the_configs_choices():
+    from clipforge.train.experiment import TrainSpec
+
+    for name in OBJECTIVES:
+        assert TrainSpec(loss=name).loss == name
+    with pytest.raises(ValueError, match=r"train\.loss must be one of \['clip', 'siglip'"):
+        TrainSpec(loss="triplet")
+    with pytest.raises(ValueError, match=r"unknown loss 'triplet'; choose one of \['clip', 'siglip'"):
+        get_objective("triplet")

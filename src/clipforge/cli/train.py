@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train.build import run_experiment
-    from ..train.distributed import is_main
+    from ..train.dist import is_main
     from ..train.experiment import load_experiment
     from ..train.trainer import NonFiniteLossError, TrainingInterrupted
 

@@ -26,20 +26,10 @@ from ..data.streams import SkipReport
 from ..eval.evaluators import evaluator_for, validation_evaluators
 from ..models import create_model
 from ..transforms import PreprocessConfig, eval_transform, normalise_uint8, train_transform
-from .distributed import (
-    DistInfo,
-    DistributedLoss,
-    barrier,
-    cleanup,
-    init_distributed,
-    is_fsdp,
-    is_main,
-    meta_copy,
-    model_state_dict,
-    shard_fsdp,
-    wrap_ddp,
-)
+from .dist import DistInfo, barrier, cleanup, init_distributed, is_main
 from .experiment import Experiment
+from .fsdp import is_fsdp, meta_copy, model_state_dict, shard_fsdp, wrap_ddp
+from .global_loss import DistributedLoss
 from .optim import build_optimizer, cosine_schedule
 from .runlock import RunLock
 from .runs import RunDir, seed_everything

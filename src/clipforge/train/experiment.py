@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from ..data.sources import SOURCES
+from ..loss import OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class TrainSpec:
     grad_checkpointing: bool = False
     mask_ratio: float = 0.0  # FLIP: share of image patches dropped while training
     unmasked_steps: int = 0  # FLIP's unmasked tuning: the last N steps run with mask_ratio 0
-    loss: Literal["clip", "siglip"] = "clip"
+    loss: str = "clip"  # a key of clipforge.loss.OBJECTIVES ("clip", "siglip")
     lam: float = 0.5  # ConVIRT weighting of image->text vs text->image (CLIP: 0.5)
     # several processes (torchrun): "global" = every rank's pairs against the whole gathered batch (the
     # single-process loss of train.batch_size); "local" = within each rank's share only (LiT's comparison)
@@ -111,6 +112,11 @@ class TrainSpec:
     fsdp_unit: Literal["block", "tower"] = "block"
     max_nonfinite: int = 5  # stop after this many consecutive non-finite losses
     device: str = "auto"  # "auto" = cuda when available
+
+    def __post_init__(self) -> None:
+        # the allowed losses are the registry's keys, so a new objective needs no edit here
+        if self.loss not in OBJECTIVES:
+            raise ValueError(f"train.loss must be one of {sorted(OBJECTIVES)}, got {self.loss!r}")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..loss import LossFn, get_loss
+from ..loss import LossFn, get_loss, get_objective
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -230,16 +230,12 @@ def make_step_fn(
     return step_fn
 
 
-# Peak bytes of the whole-batch loss (forward + backward, fp32) per element of the B x B logits: clip_loss
-# keeps ~4 B x B buffers (similarities, two log-softmaxes, a gradient), siglip_loss ~5. Measured as the peak
-# RSS growth of loss + backward on CPU at B = 4096 and 8192, D = 512 (16.3-16.5 and 20.3-20.5 bytes).
-LOSS_BYTES_PER_LOGIT = {"clip": 16, "siglip": 20}
-
-
 def accumulation_memory_bytes(batch_size: int, embed_dim: int, loss: str = "clip") -> int:
     """Memory the accumulated step needs beyond one micro-batch: the cached image and text features and
-    their gradients (4 * B * D fp32 numbers) plus the B x B logits and their softmax/gradient buffers."""
-    return 16 * batch_size * embed_dim + LOSS_BYTES_PER_LOGIT[loss] * batch_size * batch_size
+    their gradients (4 * B * D fp32 numbers) plus the B x B logits and their softmax/gradient buffers
+    (the objective's measured bytes per logit, clipforge.loss.OBJECTIVES)."""
+    per_logit = get_objective(loss).bytes_per_logit
+    return 16 * batch_size * embed_dim + per_logit * batch_size * batch_size
 
 
 def max_effective_batch(memory_bytes: int, embed_dim: int, loss: str = "clip") -> int:
@@ -247,9 +243,7 @@ def max_effective_batch(memory_bytes: int, embed_dim: int, loss: str = "clip") -
     after the model, optimizer state and one micro-batch's activations). The B x B loss dominates past a
     few thousand; beyond that, a chunked loss (blocks of rows, as SigLIP's per-device chunks) is the next
     step."""
-    if loss not in LOSS_BYTES_PER_LOGIT:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSS_BYTES_PER_LOGIT)}")
-    a, b = LOSS_BYTES_PER_LOGIT[loss], 16 * embed_dim  # a B^2 + b B <= memory
+    a, b = get_objective(loss).bytes_per_logit, 16 * embed_dim  # a B^2 + b B <= memory
     batch = int((-b + math.sqrt(b * b + 4 * a * max(0, memory_bytes))) / (2 * a))
     while batch > 0 and accumulation_memory_bytes(batch, embed_dim, loss) > memory_bytes:
         batch -= 1

@@ -27,8 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.streams import BatchStream, IterableBatchStream
-from .distributed import any_rank, full_training_state, is_fsdp, is_main, load_full_training_state
+from .dist import any_rank, is_main
+from .fsdp import full_training_state, is_fsdp, load_full_training_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics
+from .optim import clip_gradients
 from .runs import RunDir, load_checkpoint, rng_state, set_rng_state
 
 StepFn = Callable[..., torch.Tensor]
@@ -197,8 +199,7 @@ class Trainer:
         value = float(loss)
         finite = math.isfinite(value)
         if finite and self.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            norm = clip_gradients(self.model, self.grad_clip, self.optimizer, self.scaler)  # unscales fp16
             # fp16: the scaler skips inf gradients itself (and lowers the scale); elsewhere we skip.
             finite = self.precision == "fp16" or bool(torch.isfinite(norm))
         if finite:

@@ -1,0 +1,129 @@
+"""The process group: join the one torchrun describes, rank helpers, barrier, cleanup.
+
+Launch with `torchrun --nproc_per_node=N -m clipforge train ...`; torchrun sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and `init_distributed()` reads them (NCCL on GPUs, gloo on CPU).
+Without those variables everything here degrades to a single process: world 1, rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: a single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_distributed(
+    device: str | torch.device = "auto", backend: str | None = None, timeout_s: float = 1800.0
+) -> DistInfo:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    device "auto" picks cuda:LOCAL_RANK when GPUs exist, else the CPU; backend defaults to nccl for
+    CUDA and gloo for the CPU. Without WORLD_SIZE > 1 nothing is initialised (a single process). Calling
+    it again in an initialised process returns the current state.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} needs GPU {device.index} but this node has "
+                f"{torch.cuda.device_count()}: use --nproc_per_node <= the GPU count"
+            )
+        torch.cuda.set_device(device)
+    if world <= 1:
+        return DistInfo(0, 1, 0, device, None)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} outside WORLD_SIZE={world}")
+    if not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise RuntimeError(
+                f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun (it sets them)"
+            )
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+        if device.type == "cuda":
+            kwargs["device_id"] = device  # binds NCCL to this GPU (no hangs on the wrong device)
+        dist.init_process_group(**kwargs)
+    return DistInfo(rank, world, local_rank, device, dist.get_backend())
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """The process group's rank, else torchrun's RANK (before init, after cleanup), else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return _env_int("RANK", 0)
+
+
+def get_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _env_int("WORLD_SIZE", 1)
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that writes logs, plots and checkpoints."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any (e.g. a SIGTERM that reached one rank: all stop together)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
