@@ -329,3 +329,9 @@ def train_transform(
 ) -> TrainTransform:
     """Training preprocessing: "square_crop" (CLIP paper) or "random_resized_crop" (OpenCLIP default)."""
     return TrainTransform(_as_config(cfg_or_size), mode, scale, ratio, generator)
+
+
+def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> OpenAI-normalised float (the synthetic sets are made as uint8 tensors)."""
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std

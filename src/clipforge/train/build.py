@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..config import get_config
 from ..data.memory import TensorPairs
 from ..models import create_model
+from ..transforms import normalise_uint8
 from .distributed import (
     DistributedLoss,
     barrier,
@@ -37,14 +38,6 @@ from .optim import build_optimizer, cosine_schedule
 from .runs import RunDir, seed_everything
 from .step import make_step_fn
 from .trainer import BatchStream, Trainer, TrainResult
-
-
-def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> OpenAI-normalised float."""
-    from ..transforms import OPENAI_MEAN, OPENAI_STD
-
-    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,7 +132,7 @@ def lit_image_source(exp: Experiment):
 def build_lit(exp: Experiment, tokenizer, image_source) -> tuple[torch.nn.Module, Any]:
     """(LiT model with the policy applied, tokenizer): `model.lit` and the tower sources."""
     from ..lit.build import build_lit_model
-    from .locking import LiTPolicy
+    from ..lit.locking import LiTPolicy
 
     m = exp.model
     policy = LiTPolicy.parse(m.lit, m.image_unlocked_blocks, m.text_unlocked_blocks)
@@ -336,7 +329,7 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         model = wrap_ddp(model)  # several processes: DDP (after the optimizer saw the plain parameter names)
     loss = DistributedLoss(t.loss, t.loss_mode, t.lam)  # one process: exactly get_loss(t.loss)
     if exp.data.embedding_cache:  # batches of {"image_embedding", "text"}: the image tower never runs
-        from ..lit.step import make_lit_step_fn
+        from .lit_step import make_lit_step_fn
 
         step_fn = make_lit_step_fn(loss, lam=t.lam, accum_steps=t.accum_steps)
     else:
