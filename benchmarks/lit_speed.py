@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from clipforge.config import CLIPConfig, TextConfig, VisionConfig
-from clipforge.lit import apply_policy, make_lit_step_fn
+from clipforge.lit import apply_policy
 from clipforge.models import create_model
+from clipforge.train.lit_step import make_lit_step_fn
 from clipforge.train.optim import build_optimizer
 
 TEXT = TextConfig(context_length=32, vocab_size=2048, width=192, heads=3, layers=4)

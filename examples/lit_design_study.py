@@ -35,12 +35,12 @@ from clipforge.lit import (
     ImageClassifier,
     build_lit_model,
     cache_embeddings,
-    make_lit_step_fn,
-    pretrain_image,
     save_classifier,
 )
-from clipforge.train.build import normalise_uint8
+from clipforge.train.lit_step import make_lit_step_fn
 from clipforge.train.optim import build_optimizer, cosine_schedule
+from clipforge.train.pretrain_image import pretrain_image
+from clipforge.transforms import normalise_uint8
 
 POLICIES = ("uu", "Uu", "Lu", "LU", "UU", "UL")
 TEMPLATES = ["a {}.", "a photo of a {}.", "there is a {}."]

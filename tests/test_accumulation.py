@@ -137,7 +137,7 @@ def test_gradient_checkpointing_with_accumulation():
 def test_locked_image_tower_accumulates_like_the_full_batch(preset):
     """LiT (Lu): the locked tower's features carry no graph; the accumulated step skips them and the
     text tower / temperature get the full-batch gradient; the locked tower gets none."""
-    from clipforge.train.locking import apply_policy
+    from clipforge.lit.locking import apply_policy
 
     model = apply_policy(_model(preset), "Lu").train()  # a locked ResNet stays in eval mode (frozen BN)
     images, texts = random_batch(8, model.image_size, VOCAB)

@@ -17,9 +17,9 @@ from clipforge.lit import (
     EmbeddingCache,
     apply_policy,
     cache_embeddings,
-    make_lit_step_fn,
 )
 from clipforge.models import create_model
+from clipforge.train.lit_step import make_lit_step_fn
 
 CFG = CLIPConfig(
     embed_dim=16,

@@ -147,3 +147,28 @@ def test_lit_model_with_locked_minilm(minilm):
     w = fresh.text.model.embeddings.word_embeddings.weight
     assert w.shape == model.text.model.embeddings.word_embeddings.weight.shape
     assert not torch.equal(w, model.text.model.embeddings.word_embeddings.weight)
+
+
+def test_hf_tower_contract(loaded):
+    """blocks() are the encoder layers, head() the new projection; checkpointing switches HF's own and
+    leaves the features unchanged."""
+    from clipforge.lit.locking import tower_blocks
+    from clipforge.models import Tower
+
+    tok, tower = loaded[0], copy.deepcopy(loaded[1])
+    assert isinstance(tower, Tower)
+    blocks, head = tower_blocks(tower)
+    assert blocks == list(tower.model.encoder.layer) and len(blocks) == 6
+    assert head == [tower.proj.weight]
+    tokens = tok(TEXTS)
+    tower.train()
+    torch.manual_seed(0)
+    plain = tower(tokens)
+    tower.set_grad_checkpointing(True)
+    assert all(layer.gradient_checkpointing for layer in blocks)
+    torch.manual_seed(0)
+    ckpt = tower(tokens)
+    ckpt.sum().backward()  # runs through the checkpointed layers
+    torch.testing.assert_close(ckpt, plain, rtol=0, atol=0)
+    tower.set_grad_checkpointing(False)
+    assert not any(layer.gradient_checkpointing for layer in blocks)

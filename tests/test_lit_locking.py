@@ -11,8 +11,8 @@ import torch
 from clipforge.checkpoints import save_pretrained
 from clipforge.config import CLIPConfig, TextConfig, VisionConfig
 from clipforge.lit import LiTPolicy, build_lit_model
+from clipforge.lit.locking import is_fully_locked, lock_tower
 from clipforge.models import create_model
-from clipforge.train.locking import is_fully_locked, lock_tower
 from clipforge.train.optim import build_optimizer
 from clipforge.train.step import contrastive_step
 
@@ -170,3 +170,21 @@ def test_policy_parse_errors():
         build_lit_model("Lu", preset=VIT, tokenizer=_Tok())
     with pytest.raises(ValueError, match="has 2 blocks"):
         lock_tower(create_model(VIT).visual, unlocked_blocks=3)
+
+
+def test_unlocked_blocks_train_exactly_the_last_blocks_head_and_tower_parameters():
+    """The set of trainable parameters with unlocked_blocks=1: the last block, the head (final norm,
+    projection) and the parameters the tower holds itself (class token, position embedding)."""
+    vit = lock_tower(create_model(VIT).visual, unlocked_blocks=1)
+    trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
+    last = {f"transformer.blocks.1.{n}" for n, _ in vit.transformer.blocks[1].named_parameters()}
+    assert trainable == last | {"ln_post.weight", "ln_post.bias", "proj", "class_embedding", "pos_embed"}
+    rn = lock_tower(create_model(RN).visual, unlocked_blocks=1)
+    trainable = {n for n, p in rn.named_parameters() if p.requires_grad}
+    last = {f"layer4.0.{n}" for n, _ in rn.layer4[0].named_parameters()}
+    assert trainable == last | {f"attnpool.{n}" for n, _ in rn.attnpool.named_parameters()}
+
+
+def test_locking_needs_the_tower_contract():
+    with pytest.raises(TypeError, match="Linear is not a tower: give it blocks\\(\\), head\\(\\)"):
+        lock_tower(torch.nn.Linear(2, 2))

@@ -8,8 +8,8 @@ import torch
 
 from clipforge.cli import lit as lit_cli
 from clipforge.config import VisionConfig
-from clipforge.lit import EmbeddingCache, ImageClassifier, build_lit_model, load_classifier, pretrain_image
-from clipforge.lit.pretrain import synthetic_labelled
+from clipforge.lit import EmbeddingCache, ImageClassifier, build_lit_model, load_classifier
+from clipforge.train.pretrain_image import pretrain_image, synthetic_labelled
 
 VISION = VisionConfig(kind="vit", image_size=32, width=32, layers=1, heads=2, patch_size=8)
 
@@ -52,7 +52,7 @@ def test_cli_pretrain_then_cache_then_lit(tmp_path, capsys):
     assert len(cache) == 12 and cache.dim == clf.embed_dim
     # The cached embedding is the tower's output on the eval-preprocessed synthetic image.
     from clipforge.data.synthetic import ShapesConfig, make_tensors
-    from clipforge.train.build import normalise_uint8
+    from clipforge.transforms import normalise_uint8
 
     images, _ = make_tensors(ShapesConfig(image_size=clf.vision_config.image_size, seed=0), 2, "train")
     with torch.no_grad():

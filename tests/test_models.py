@@ -14,6 +14,7 @@ from torch import nn
 
 from clipforge import CLIPOutput, create_model, get_config, list_models
 from clipforge.config import PAPER_PRESETS
+from clipforge.models import IMAGE_TOWERS, Tower, build_image_tower
 from clipforge.models.transformer import LayerNorm
 from reference_paths import OPENAI_KEYS
 
@@ -206,6 +207,71 @@ def test_grad_checkpointing_switch_reaches_both_towers():
     assert model.text.transformer.grad_checkpointing
     model.set_grad_checkpointing(False)
     assert not model.visual.transformer.grad_checkpointing and not model.text.transformer.grad_checkpointing
+
+
+# --------------------------------------------------------------------------------- the tower contract
+
+
+def _towers(model) -> dict[str, nn.Module]:
+    return {"visual": model.visual, "text": model.text}
+
+
+@pytest.mark.parametrize("kind, preset", [("vit", "tiny-vit"), ("resnet", "tiny-rn")])
+def test_image_tower_registry_builds_the_configured_tower(kind, preset):
+    cfg = get_config(preset)
+    assert cfg.vision.kind == kind
+    tower = build_image_tower(cfg.vision, cfg.embed_dim)
+    assert type(tower) is IMAGE_TOWERS[kind] and type(create_model(preset).visual) is IMAGE_TOWERS[kind]
+    # The registry only builds (no init of its own): the same RNG draws as constructing the class.
+    towers = []
+    for build in (build_image_tower, IMAGE_TOWERS[kind]):
+        torch.manual_seed(0)
+        towers.append(build(cfg.vision, cfg.embed_dim))
+        towers[-1].init_weights()
+    a, b = (t.state_dict() for t in towers)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_build_image_tower_rejects_unknown_kind():
+    import dataclasses
+
+    vision = dataclasses.replace(get_config("tiny-vit").vision)
+    object.__setattr__(vision, "kind", "convnext")  # past VisionConfig's own check
+    with pytest.raises(ValueError, match=r"unknown image tower kind 'convnext'.*'resnet', 'vit'"):
+        build_image_tower(vision, 16)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_every_tower_exposes_blocks_head_and_checkpointing(name):
+    model = create_model(name)
+    cfg = model.config
+    depth = {"visual": cfg.vision.layers, "text": cfg.text.layers}
+    for key, tower in _towers(model).items():
+        assert isinstance(tower, Tower)
+        blocks, head = tower.blocks(), tower.head()
+        n = (
+            sum(depth[key]) if isinstance(depth[key], tuple) else depth[key]
+        )  # ResNet: Bottlenecks of all stages
+        assert len(blocks) == n and all(isinstance(b, nn.Module) for b in blocks)
+        # Blocks are distinct submodules; the head is made of parameters of the tower outside every block.
+        owned = {id(p) for p in tower.parameters()}
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        assert len({id(b) for b in blocks}) == n
+        assert head and all(id(p) in owned and id(p) not in in_blocks for p in head)
+        # The projection into the joint space is part of the head.
+        proj = tower.attnpool.c_proj.weight if name == "tiny-rn" and key == "visual" else tower.proj
+        assert any(p is proj for p in head)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_clip_grad_checkpointing_delegates_to_each_tower(name, monkeypatch):
+    model = create_model(name)
+    calls = []
+    for key, tower in _towers(model).items():
+        monkeypatch.setattr(tower, "set_grad_checkpointing", lambda on, key=key: calls.append((key, on)))
+    model.set_grad_checkpointing(True, text=False)
+    model.set_grad_checkpointing(False)
+    assert calls == [("visual", True), ("visual", False), ("text", False)]
 
 
 def _reference_layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:

@@ -409,9 +409,10 @@ def _naive_bpe(word_counts: dict[str, int], num_merges: int, min_frequency: int 
 
 
 def test_bpe_trainer_equals_textbook_bpe():
-    from clipforge.bpe_train import _count_words, learn_merges
+    from clipforge.bpe_train import learn_merges
+    from clipforge.tokenizer import count_words
 
-    counts = _count_words(_captions(400, seed=3) + ["aaaa aaa aa", "ababab abab"] * 3, "openai")
+    counts = count_words(_captions(400, seed=3) + ["aaaa aaa aa", "ababab abab"] * 3, "openai")
     assert learn_merges(counts, 300) == _naive_bpe(counts, 300)
 
 

@@ -1,10 +1,10 @@
-"""Train a new byte-level BPE vocabulary on a caption corpus, in the layout `Tokenizer` reads.
+"""Learn byte-level BPE merges from word counts: the algorithm behind `clipforge.tokenizer.train_bpe`.
 
-    tok = train_bpe(captions, vocab_size=2048)   # also `clipforge.tokenizer.train_bpe`
+    tok = train_bpe(captions, vocab_size=2048)   # clipforge.tokenizer: cuts words, calls learn_merges
 
-A small, deterministic trainer: words are cut exactly as `Tokenizer` cuts them (cleaning, OpenAI's
-regex, byte map, `</w>` on the last symbol), then the most frequent adjacent pair is merged until the
-vocabulary is full. Ties go to the lexicographically smallest pair, so the same corpus always gives
+A small, deterministic trainer: given words cut exactly as `Tokenizer` cuts them (cleaning, OpenAI's
+regex, byte map), each word's last symbol gets `</w>` and the most frequent adjacent pair is merged
+until the vocabulary is full. Ties go to the lexicographically smallest pair, so the same corpus always gives
 the same vocabulary in every process (HF `tokenizers`' trainer breaks ties by hash order, which made
 ranks of a distributed job disagree). Pair counts are updated incrementally, touching only the words
 that contain the merged pair.
@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 
-from clipforge.tokenizer import EOT, EOW, SOT, Tokenizer, base_symbols, byte_encode, clean_text, word_pattern
-
+# This module imports nothing from clipforge: `tokenizer` uses it, never the other way round.
+EOW = "</w>"  # marks the last symbol of a word
 Pair = tuple[str, str]
-
-
-def _count_words(texts: Iterable[str], clean: str) -> Counter[str]:
-    pattern = word_pattern((SOT, EOT))
-    counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(byte_encode(w) for w in pattern.findall(clean_text(text, clean)) if w not in (SOT, EOT))
-    return counts
 
 
 def _pairs(symbols: list[str]) -> Counter[Pair]:
@@ -90,37 +80,3 @@ def learn_merges(word_counts: Counter[str], num_merges: int, min_frequency: int 
             else:
                 counts.pop(p, None)
     return merges
-
-
-def train_bpe(
-    texts: Iterable[str],
-    vocab_size: int,
-    context_length: int = 77,
-    min_frequency: int = 2,
-    clean: str = "openai",
-) -> Tokenizer:
-    """Train a byte-level BPE of `vocab_size` ids on captions.
-
-    The layout is OpenAI's (512 byte symbols, merged symbols, SOT, EOT last), so the result loads into
-    `Tokenizer` and the text tower pools at the largest id. A corpus too small to support `vocab_size`
-    gives a smaller vocabulary, with a warning.
-    """
-    base = base_symbols()
-    num_new = vocab_size - len(base) - 2
-    if num_new < 0:
-        raise ValueError(
-            f"vocab_size must be at least {len(base) + 2} (byte symbols + SOT/EOT), got {vocab_size}"
-        )
-    merges = learn_merges(_count_words(texts, clean), num_new, min_frequency)
-    vocab = {s: i for i, s in enumerate(base)}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    if len(vocab) < len(base) + num_new:
-        warnings.warn(
-            f"the corpus supports only {len(vocab) + 2} of the {vocab_size} ids asked for "
-            f"(no pair occurs {min_frequency}+ times any more); the vocabulary is smaller",
-            stacklevel=2,
-        )
-    vocab[SOT] = len(vocab)
-    vocab[EOT] = len(vocab)
-    return Tokenizer(vocab, merges, context_length=context_length, clean=clean)

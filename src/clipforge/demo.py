@@ -30,12 +30,11 @@ from .data.streams import BatchStream
 from .eval import RetrievalEvaluator, ZeroShotEvaluator
 from .models import create_model
 from .tokenizer import train_bpe
-from .train.build import normalise_uint8
 from .train.optim import build_optimizer, cosine_schedule
 from .train.runs import RunDir, seed_everything
 from .train.step import make_step_fn
 from .train.trainer import Trainer
-from .transforms import PreprocessConfig
+from .transforms import PreprocessConfig, normalise_uint8
 
 # Optimizer steps per second of the default demo model (batch 128, one thread, bf16 autocast) assumed for
 # the step budget: steps = (minutes * 60 - OVERHEAD_S) * ASSUMED_STEPS_PER_S. Measured on the 2-core

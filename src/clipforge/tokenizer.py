@@ -19,6 +19,8 @@ import html
 import importlib.metadata
 import itertools
 import json
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,9 +28,10 @@ import ftfy
 import regex
 import torch
 
+from .bpe_train import EOW, learn_merges
+
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
-EOW = "</w>"  # marks the last symbol of a word
 OPENAI_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_NUM_MERGES = 49152 - 256 - 2  # lines 1..48894 of the file; line 0 is a header
 CLEAN_MODES = ("openai", "whitespace")  # "whitespace": collapse + lowercase only (no ftfy / HTML unescape)
@@ -407,6 +410,15 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
     return vocab, merges
 
 
+def count_words(texts: Iterable[str], clean: str = "openai") -> Counter[str]:
+    """{byte-mapped word: count} over captions, words cut exactly as `Tokenizer` cuts them."""
+    pattern = word_pattern((SOT, EOT))
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(byte_encode(w) for w in pattern.findall(clean_text(text, clean)) if w not in (SOT, EOT))
+    return counts
+
+
 def train_bpe(
     texts: Iterable[str],
     vocab_size: int,
@@ -414,7 +426,28 @@ def train_bpe(
     min_frequency: int = 2,
     clean: str = "openai",
 ) -> Tokenizer:
-    """Train a new byte-level BPE vocabulary on captions (see `clipforge.bpe_train.train_bpe`)."""
-    from clipforge.bpe_train import train_bpe as train
+    """Train a byte-level BPE of `vocab_size` ids on captions (merges: `bpe_train.learn_merges`).
 
-    return train(texts, vocab_size, context_length=context_length, min_frequency=min_frequency, clean=clean)
+    The layout is OpenAI's (512 byte symbols, merged symbols, SOT, EOT last), so the result loads into
+    `Tokenizer` and the text tower pools at the largest id. A corpus too small to support `vocab_size`
+    gives a smaller vocabulary, with a warning.
+    """
+    base = base_symbols()
+    num_new = vocab_size - len(base) - 2
+    if num_new < 0:
+        raise ValueError(
+            f"vocab_size must be at least {len(base) + 2} (byte symbols + SOT/EOT), got {vocab_size}"
+        )
+    merges = learn_merges(count_words(texts, clean), num_new, min_frequency)
+    vocab = {s: i for i, s in enumerate(base)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    if len(vocab) < len(base) + num_new:
+        warnings.warn(
+            f"the corpus supports only {len(vocab) + 2} of the {vocab_size} ids asked for "
+            f"(no pair occurs {min_frequency}+ times any more); the vocabulary is smaller",
+            stacklevel=2,
+        )
+    vocab[SOT] = len(vocab)
+    vocab[EOT] = len(vocab)
+    return Tokenizer(vocab, merges, context_length=context_length, clean=clean)

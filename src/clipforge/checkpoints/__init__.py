@@ -1,5 +1,6 @@
 """Checkpoint interop: load OpenAI / OpenCLIP / HF / clipforge checkpoints, save and convert them."""
 
+from .classifier import is_classifier_dir, load_classifier, save_classifier
 from .convert_hf import config_from_hf, config_to_hf, convert_clipforge_to_hf, convert_hf_to_clipforge
 from .convert_openai import (
     convert_clipforge_to_openai,
@@ -24,11 +25,14 @@ __all__ = [
     "convert_hf_to_clipforge",
     "convert_openai_to_clipforge",
     "infer_config_from_openai",
+    "is_classifier_dir",
     "is_torchscript_archive",
     "load",
+    "load_classifier",
     "openai_shapes",
     "read_checkpoint",
     "read_torchscript_state_dict",
+    "save_classifier",
     "save_hf",
     "save_openai",
     "save_pretrained",

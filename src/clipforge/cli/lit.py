@@ -55,9 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    from ..checkpoints.classifier import save_classifier
     from ..config import get_config
-    from ..lit.pretrain import accuracy, pretrain_image, synthetic_labelled
-    from ..models.classifier import ImageClassifier, save_classifier
+    from ..models.classifier import ImageClassifier
+    from ..train.pretrain_image import accuracy, pretrain_image, synthetic_labelled
     from ..transforms import PreprocessConfig
 
     cfg = get_config(args.preset)

@@ -1,5 +1,10 @@
-"""LiT (Zhai et al. 2022): pretrained towers, tower policies, image pretraining, cached embeddings."""
+"""LiT (Zhai et al. 2022): tower policies and locking, pretrained towers, cached embeddings.
 
+The training side lives one layer up, in `clipforge.train`: the cached-embedding step
+(`train.lit_step.make_lit_step_fn`) and image-tower pretraining (`train.pretrain_image`).
+"""
+
+from ..checkpoints.classifier import load_classifier, save_classifier
 from ..data.embedding_cache import (
     CachedPairs,
     CacheMismatchError,
@@ -7,12 +12,10 @@ from ..data.embedding_cache import (
     cache_embeddings,
     tower_fingerprint,
 )
-from ..models.classifier import ImageClassifier, load_classifier, save_classifier
+from ..models.classifier import ImageClassifier
 from ..models.hf_text import HFTextEncoder, HFTokenizer
-from ..train.locking import LiTPolicy, TowerPolicy, apply_policy, lock_tower, unlock_tower
 from .build import ImageTower, build_lit_model, load_image_tower
-from .pretrain import PretrainResult, pretrain_image, synthetic_labelled
-from .step import make_lit_step_fn
+from .locking import LiTPolicy, TowerPolicy, apply_policy, lock_tower, unlock_tower
 
 __all__ = [
     "CacheMismatchError",
@@ -23,7 +26,6 @@ __all__ = [
     "ImageClassifier",
     "ImageTower",
     "LiTPolicy",
-    "PretrainResult",
     "TowerPolicy",
     "apply_policy",
     "build_lit_model",
@@ -31,10 +33,7 @@ __all__ = [
     "load_classifier",
     "load_image_tower",
     "lock_tower",
-    "make_lit_step_fn",
-    "pretrain_image",
     "save_classifier",
-    "synthetic_labelled",
     "tower_fingerprint",
     "unlock_tower",
 ]

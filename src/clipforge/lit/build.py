@@ -22,12 +22,12 @@ from typing import Any
 
 from torch import nn
 
+from ..checkpoints.classifier import is_classifier_dir, load_classifier
 from ..config import CLIPConfig, TextConfig, VisionConfig, get_config
-from ..models.classifier import is_classifier_dir, load_classifier
 from ..models.clip import CLIP
 from ..models.hf_text import HFTextEncoder, HFTokenizer, is_hf_text_dir
-from ..models.vision import ModifiedResNet, VisionTransformer
-from ..train.locking import LiTPolicy, apply_policy
+from ..models.towers import build_image_tower
+from .locking import LiTPolicy, apply_policy
 
 
 @dataclass
@@ -54,7 +54,7 @@ def load_image_tower(source: str | Path) -> ImageTower:
 
 
 def random_image_tower(config: VisionConfig, embed_dim: int) -> nn.Module:
-    tower = (VisionTransformer if config.kind == "vit" else ModifiedResNet)(config, embed_dim)
+    tower = build_image_tower(config, embed_dim)
     tower.init_weights()
     return tower
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import CLIPConfig, get_config
 from .text import TextTransformer
-from .vision import ModifiedResNet, VisionTransformer
+from .towers import build_image_tower
 
 
 @dataclass
@@ -37,8 +37,9 @@ class CLIP(nn.Module):
     ) -> None:
         super().__init__()
         self.config = cfg
-        tower = VisionTransformer if cfg.vision.kind == "vit" else ModifiedResNet
-        self.visual = visual_tower if visual_tower is not None else tower(cfg.vision, cfg.embed_dim)
+        self.visual = (
+            visual_tower if visual_tower is not None else build_image_tower(cfg.vision, cfg.embed_dim)
+        )
         self.text = text_tower if text_tower is not None else TextTransformer(cfg.text, cfg.embed_dim)
         self._prebuilt = (visual_tower is not None, text_tower is not None)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
@@ -81,11 +82,11 @@ class CLIP(nn.Module):
             self.logit_scale.clamp_(0, torch.log(torch.tensor(self.config.max_logit_scale)).item())
 
     def set_grad_checkpointing(self, enable: bool = True, vision: bool = True, text: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (the towers' own switch)."""
         if vision:
-            tower = self.visual.transformer if isinstance(self.visual, VisionTransformer) else self.visual
-            tower.grad_checkpointing = enable
+            self.visual.set_grad_checkpointing(enable)
         if text:
-            self.text.transformer.grad_checkpointing = enable
+            self.text.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay: gains, biases, embeddings and the temperature."""

@@ -139,13 +139,36 @@ class HFTextEncoder(nn.Module):
         """Only the projection (the pretrained encoder keeps its weights); CLIP's text-projection std."""
         nn.init.normal_(self.proj.weight, std=self.width**-0.5)
 
-    def lit_blocks(self) -> tuple[list[nn.Module], list[nn.Module]]:
-        """(encoder layers, head) for `train.locking`."""
+    # Tower contract (models/towers.py).
+    def blocks(self) -> list[nn.Module]:
+        """The HF encoder's layers (BERT-family models keep them in `encoder.layer`, others in
+        `encoder.layers`)."""
         enc = getattr(self.model, "encoder", None)
         layers = getattr(enc, "layer", None) or getattr(enc, "layers", None)
         if layers is None:
             raise TypeError(f"{type(self.model).__name__}: no encoder.layer list to unlock blocks of")
-        return list(layers), [self.proj]
+        return list(layers)
+
+    def head(self) -> list[nn.Parameter]:
+        return list(self.proj.parameters())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """HF's own per-layer checkpointing, non-reentrant as for clipforge's towers."""
+        m = self.model
+        if not m.supports_gradient_checkpointing:
+            if enable:
+                raise ValueError(f"{type(m).__name__} does not support gradient checkpointing")
+            return
+        kwargs = {"use_reentrant": False}
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5 renamed the methods
+            if enable:
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                m.activation_checkpointing_disable()
+        elif enable:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            m.gradient_checkpointing_disable()
 
     def split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """clipforge tokens (N, T) -> HF (input_ids, attention_mask), (N, T') cut at the longest marker."""

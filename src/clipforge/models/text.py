@@ -25,6 +25,16 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.proj, std=self.transformer.width**-0.5)
         self.transformer.init_weights()
 
+    # Tower contract (models/towers.py).
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.blocks)
+
+    def head(self) -> list[nn.Parameter]:
+        return [*self.ln_final.parameters(), self.proj]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, T) token ids -> (N, embed_dim), the projected feature at each row's EOT (largest id).
 

@@ -34,6 +34,16 @@ class VisionTransformer(nn.Module):
         nn.init.kaiming_uniform_(self.patch_embed.weight, a=5**0.5)
         self.transformer.init_weights()
 
+    # Tower contract (models/towers.py).
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.blocks)
+
+    def head(self) -> list[nn.Parameter]:
+        return [*self.ln_post.parameters(), self.proj]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
     def forward(self, pixels: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
         """(N, 3, H, W) -> (N, embed_dim). `mask_ratio` > 0 drops that share of patch tokens at random
         (FLIP, Li et al. 2023); only used in training."""
@@ -158,6 +168,16 @@ class ModifiedResNet(nn.Module):
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 nn.init.zeros_(block.bn3.weight)  # each residual branch starts as identity
+
+    # Tower contract (models/towers.py). The blocks are the Bottlenecks of all four stages.
+    def blocks(self) -> list[nn.Module]:
+        return [b for stage in (self.layer1, self.layer2, self.layer3, self.layer4) for b in stage]
+
+    def head(self) -> list[nn.Parameter]:
+        return list(self.attnpool.parameters())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     def forward(self, pixels: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
         if mask_ratio > 0:

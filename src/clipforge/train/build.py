@@ -25,7 +25,7 @@ from ..data.sources import EmbeddingCacheSource, Source, StreamOptions, open_sou
 from ..data.streams import SkipReport
 from ..eval.evaluators import evaluator_for, validation_evaluators
 from ..models import create_model
-from ..transforms import PreprocessConfig, eval_transform, normalise_uint8, train_transform
+from ..transforms import PreprocessConfig, eval_transform, train_transform
 from .dist import DistInfo, barrier, cleanup, init_distributed, is_main
 from .experiment import Experiment
 from .fsdp import is_fsdp, meta_copy, model_state_dict, shard_fsdp, wrap_ddp
@@ -36,7 +36,7 @@ from .runs import RunDir, seed_everything
 from .step import make_step_fn
 from .trainer import Trainer, TrainResult
 
-__all__ = ["Built", "build_trainer", "export_model", "normalise_uint8", "run_experiment"]
+__all__ = ["Built", "build_trainer", "export_model", "run_experiment"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,7 +140,7 @@ def lit_image_source(exp: Experiment):
 def build_lit(exp: Experiment, tokenizer, image_source) -> tuple[torch.nn.Module, Any]:
     """(LiT model with the policy applied, tokenizer): `model.lit` and the tower sources."""
     from ..lit.build import build_lit_model
-    from .locking import LiTPolicy
+    from ..lit.locking import LiTPolicy
 
     m = exp.model
     policy = LiTPolicy.parse(m.lit, m.image_unlocked_blocks, m.text_unlocked_blocks)
@@ -290,7 +290,7 @@ def build_step(exp: Experiment, cached: bool):
     t = exp.train
     loss = DistributedLoss(t.loss, t.loss_mode, t.lam)  # one process: exactly get_loss(t.loss)
     if cached:
-        from ..lit.step import make_lit_step_fn
+        from .lit_step import make_lit_step_fn
 
         return make_lit_step_fn(loss, lam=t.lam, accum_steps=t.accum_steps)
     return make_step_fn(

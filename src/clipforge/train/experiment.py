@@ -177,7 +177,7 @@ class Experiment:
             if set_:
                 raise ValueError(f"{', '.join(set_)} only apply to LiT: set model.lit (e.g. model.lit=Lu)")
             return
-        from .locking import LiTPolicy
+        from ..lit.locking import LiTPolicy
 
         policy = LiTPolicy.parse(m.lit, m.image_unlocked_blocks, m.text_unlocked_blocks)
         if m.checkpoint:

@@ -35,13 +35,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _blocks(module: nn.Module) -> list[nn.Module]:
-    transformer = getattr(module, "transformer", None)
-    if transformer is not None and hasattr(transformer, "blocks"):
-        return list(transformer.blocks)
-    return [m for name in ("layer1", "layer2", "layer3", "layer4") if (m := getattr(module, name, None))]
-
-
 def shard_fsdp(
     model: nn.Module,
     unit: str = "block",
@@ -73,7 +66,7 @@ def shard_fsdp(
         if not any(p.requires_grad for p in tower.parameters()):
             continue  # a locked tower (LiT) is not trained: keep it whole and unsharded
         if unit == "block":
-            for block in _blocks(tower):
+            for block in tower.blocks():  # the tower contract (models/towers.py)
                 fully_shard(block, **kw)
         fully_shard(tower, **kw)
     # fully_shard rejects 0-d parameters (the temperature and SigLIP bias): they stay replicated, and a

@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..models.towers import Tower
+
 Mode = Literal["L", "U", "u"]
 MODES = ("L", "U", "u")
 
@@ -80,27 +82,15 @@ class LiTPolicy:
 
 
 # ------------------------------------------------------------------------------------------ structure
-def tower_blocks(tower: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(blocks in forward order, head modules after the last block) of a tower.
-
-    Known towers: VisionTransformer / TextTransformer (transformer.blocks; ln_post / ln_final and the
-    `proj` parameter), ModifiedResNet (the Bottlenecks of layer1..4; attnpool), HFTextEncoder
-    (`lit_blocks()`). Other modules may define `lit_blocks() -> (blocks, head)` themselves.
-    """
-    if hasattr(tower, "lit_blocks"):
-        return tower.lit_blocks()
-    if hasattr(tower, "layer4") and hasattr(tower, "attnpool"):  # ModifiedResNet
-        blocks = [b for stage in (tower.layer1, tower.layer2, tower.layer3, tower.layer4) for b in stage]
-        return blocks, [tower.attnpool]
-    if hasattr(tower, "transformer") and hasattr(tower.transformer, "blocks"):
-        final = getattr(tower, "ln_post", None) or getattr(tower, "ln_final", None)
-        return list(tower.transformer.blocks), [m for m in (final,) if m is not None]
-    raise TypeError(f"do not know the blocks of {type(tower).__name__}: give it a lit_blocks() method")
-
-
-def _head_params(tower: nn.Module) -> list[nn.Parameter]:
-    """Parameters owned by the tower itself (not a submodule): the `proj` matrix of clipforge towers."""
-    return list(tower.parameters(recurse=False))
+def tower_blocks(tower: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """(blocks in forward order, head parameters after the last block) of a tower, from its tower
+    contract (`clipforge.models.towers.Tower`: `blocks()`, `head()`, `set_grad_checkpointing()`)."""
+    if not isinstance(tower, Tower):
+        raise TypeError(
+            f"{type(tower).__name__} is not a tower: give it blocks(), head() and set_grad_checkpointing() "
+            "(see clipforge.models.towers)"
+        )
+    return tower.blocks(), tower.head()
 
 
 # ------------------------------------------------------------------------------------------ locking
@@ -159,9 +149,11 @@ def lock_tower(tower: nn.Module, unlocked_blocks: int = 0, keep_trainable: tuple
     for p in tower.parameters():
         p.requires_grad_(False)
     if unlocked_blocks:
-        for m in blocks[len(blocks) - unlocked_blocks :] + head:
+        for m in blocks[len(blocks) - unlocked_blocks :]:
             m.requires_grad_(True)
-        for p in _head_params(tower):
+        # Parameters the tower holds itself (not in a submodule: ViT's class token and position
+        # embedding, the text tower's position embedding, `proj`) have always trained with the head.
+        for p in [*head, *tower.parameters(recurse=False)]:
             p.requires_grad_(True)
     named = dict(tower.named_parameters())
     for name in keep_trainable:

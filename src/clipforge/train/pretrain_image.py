@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from ..models.classifier import ImageClassifier
-from ..train.optim import build_optimizer, cosine_schedule
+from ..transforms import normalise_uint8
+from .optim import build_optimizer, cosine_schedule
 
 
 @dataclass
@@ -46,7 +47,6 @@ def synthetic_labelled(
 ) -> tuple[TensorDataset, list[str]]:
     """The synthetic shapes set in labelled mode: (dataset of (normalised image, label), class names)."""
     from ..data.synthetic import ShapesConfig, classification_set
-    from ..train.build import normalise_uint8
 
     images, labels, classnames = classification_set(
         ShapesConfig(image_size=image_size, seed=seed), n_per_class, split, label=label

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..loss import LossFn, get_loss
 from ..models.clip import CLIPOutput
-from ..train.step import contrastive_step
+from .step import contrastive_step
 
 
 class _LiTForward(nn.Module):
