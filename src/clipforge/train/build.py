@@ -31,6 +31,7 @@ from .experiment import Experiment
 from .fsdp import is_fsdp, meta_copy, model_state_dict, shard_fsdp, wrap_ddp
 from .global_loss import DistributedLoss
 from .optim import build_optimizer, cosine_schedule
+from .resume import check_resume_config
 from .runlock import RunLock
 from .runs import RunDir, seed_everything
 from .step import make_step_fn
@@ -368,6 +369,9 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         scalars=_scalars,
         progress=progress,
         tensorboard=r.tensorboard,
+        check_resume=lambda saved, current: check_resume_config(
+            saved, current, echo=print if dist_info.is_main else (lambda msg: None)
+        ),
     )
     return Built(trainer, tokenizer, preprocess, data, export_template)
 

@@ -13,6 +13,7 @@ at the end and on SIGTERM/SIGINT), metrics and the progress bar.
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import threading
@@ -81,6 +82,7 @@ class Trainer:
         progress: bool = True,
         tensorboard: bool = False,
         handle_signals: bool = True,
+        check_resume: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = None,
     ) -> None:
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
@@ -114,6 +116,16 @@ class Trainer:
         self.nonfinite_total = 0
         self._nonfinite_run = 0
         self._stop_signal: int | None = None
+        # check_resume(saved config, this config) raises when a checkpoint may not continue under this config
+        self.check_resume = check_resume
+        # this run's optimizer hyperparameters and schedule: a resume keeps them (see _reapply_settings)
+        self._settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self._schedule = (
+            # copies: LambdaLR.load_state_dict updates the saved lambda objects' attributes in place
+            (list(scheduler.base_lrs), copy.deepcopy(scheduler.lr_lambdas))
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+            else None
+        )
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -144,10 +156,26 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        self._reapply_settings()
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         set_rng_state(state["rng"])
+
+    def _reapply_settings(self) -> None:
+        """After loading a checkpoint: this run's learning rates, weight decay, betas and schedule (e.g. more
+        train.steps, a new optim.lr) replace the saved ones, and the rate is recomputed for the restored
+        step. The moment estimates and the step count stay the checkpoint's. Unchanged settings give
+        exactly the saved values (the same arithmetic as the scheduler's), so a plain resume is bit-exact."""
+        for group, fresh in zip(self.optimizer.param_groups, self._settings):
+            group.update(fresh)
+        if self._schedule is None:
+            return
+        sched = self.scheduler
+        sched.base_lrs, sched.lr_lambdas = list(self._schedule[0]), copy.deepcopy(self._schedule[1])
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def save_checkpoint(self) -> None:
         if self.run_dir is None or not (self.is_main or self.fsdp):
@@ -161,7 +189,10 @@ class Trainer:
         path = self.run_dir.latest_checkpoint() if self.run_dir is not None else None
         if path is None:
             return False
-        self.load_state_dict(load_checkpoint(path))
+        state = load_checkpoint(path)
+        if self.check_resume is not None:
+            self.check_resume(state.get("config") or {}, self.config)
+        self.load_state_dict(state)
         return True
 
     # ---------------------------------------------------------------- loop
@@ -234,13 +265,13 @@ class Trainer:
         logger = None
         if self.run_dir is not None and self.is_main:
             self.run_dir.create()
-            if self.config:
-                self.run_dir.save_config(self.config)
         if resume and not self.resume() and self.is_main:  # every rank loads the checkpoint
             print(
                 f"no checkpoint in {self.run_dir.checkpoints if self.run_dir else '(no run dir)'}; "
                 "starting fresh"
             )
+        if self.run_dir is not None and self.is_main and self.config:
+            self.run_dir.save_config(self.config)  # after the resume checks: what actually runs
         if self.run_dir is not None and self.is_main:
             MetricsLogger.truncate_after(self.run_dir.metrics, self.step)
             tb = self.run_dir.path / "tensorboard" if self.tensorboard else None
