@@ -13,6 +13,7 @@ JSON encoding (every container is a one-key object, so nothing is ambiguous):
   {"float": "nan" | "inf" | "-inf"}                  non-finite float
   {"list": [...]}, {"tuple": [...]}                  sequences
   {"dict": [[key, value], ...]}                      mappings, keys of any encodable type, in order
+  {"odict": [[key, value], ...]}                     an OrderedDict (what model.state_dict() returns)
   {"tensor": name}                                   a torch tensor (CPU on load)
   {"ndarray": name, "dtype": "<u4", "shape": [...]}  a numpy array, stored as its raw bytes
   {"npscalar": name, "dtype": "<f8"}                 a numpy scalar (np.float64(...), np.int64(...))
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,7 +90,8 @@ class _Encoder:
                 return {"npscalar": name, "dtype": arr.dtype.str}
             return {"ndarray": name, "dtype": arr.dtype.str, "shape": list(arr.shape)}
         if isinstance(obj, Mapping):
-            return {"dict": [[self.encode(k, path), self.encode(v, f"{path}/{k}")] for k, v in obj.items()]}
+            kind = "odict" if isinstance(obj, OrderedDict) else "dict"
+            return {kind: [[self.encode(k, path), self.encode(v, f"{path}/{k}")] for k, v in obj.items()]}
         if isinstance(obj, tuple | list):
             kind = "tuple" if isinstance(obj, tuple) else "list"
             return {kind: [self.encode(v, f"{path}/{i}") for i, v in enumerate(obj)]}
@@ -128,6 +131,8 @@ def decode_state(tree: Any, tensors: Mapping[str, torch.Tensor], where: str = "s
                 return tuple(dec(v) for v in node["tuple"])
             if "dict" in node:
                 return {_hashable(dec(k)): dec(v) for k, v in node["dict"]}
+            if "odict" in node:
+                return OrderedDict((_hashable(dec(k)), dec(v)) for k, v in node["odict"])
             if "ndarray" in node or "npscalar" in node:
                 raw = tensors[node.get("ndarray", node.get("npscalar"))].numpy().tobytes()
                 dtype = np.dtype(node["dtype"])
