@@ -116,7 +116,7 @@ _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check
 
 def _torch_load_reason(e: Exception) -> str:
     """The line of torch.load's error that says what was wrong (its message also suggests
-    weights_only=False, which is exactly what clipforge must never do)."""
+    turning weights_only off, which is exactly what clipforge must never do)."""
     for line in str(e).splitlines():
         line = line.split("WeightsUnpickler error:", 1)[-1].strip()
         if line and not line.startswith(_TORCH_BOILERPLATE):

@@ -7,7 +7,7 @@ any other global is refused, so nothing from the archive is executed. A module w
 plain attribute dict (a scripted `__setstate__`, which torch.jit.load would run) is refused too: its
 tensors could only be found by running that code. The archive's code listing
 declares each class's `__parameters__` and `__buffers__`; only those tensors are kept, so the result
-has the keys of `torch.jit.load(path).state_dict()`.
+has the keys of the state_dict() that torch.jit.load would give.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def _auto():
 
 
 def _first_line(e: Exception) -> str:
-    """The line of a torch.load error that names what was refused (it also suggests weights_only=False)."""
+    """The line of a torch.load error naming what was refused (the rest suggests turning weights_only off)."""
     lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x or "WeightsUnpickler" in x]
     if not lines:
         return type(e).__name__
