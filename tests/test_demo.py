@@ -112,7 +112,7 @@ def test_train_experiment_on_synthetic_data_and_resume(tmp_path):
     )
     run = tmp_path / "run"
     assert (run / "experiment.yaml").exists() and [p.name for p in (run / "checkpoints").iterdir()] == [
-        "step-00000004.pt"
+        "step-00000004.safetensors"
     ]
     assert load_experiment(run / "experiment.yaml") == exp  # the resolved config round-trips
     # --resume of a finished run: nothing left to do, same step

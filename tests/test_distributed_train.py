@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from clipforge.tokenizer import train_bpe
 from clipforge.train.build import open_data, run_experiment
 from clipforge.train.experiment import load_experiment
+from clipforge.train.runs import load_checkpoint
 from helpers import free_port, set_rank_env
 
 
@@ -68,9 +69,9 @@ def test_rank_zero_alone_writes(runs):
     lines = [json.loads(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x.get("kind") == "train"] == [1, 2, 3]  # not once per rank
     assert sorted(p.name for p in (root / "ddp" / "checkpoints").iterdir()) == [
-        f"step-{s:08d}.pt" for s in (1, 2, 3)
+        f"step-{s:08d}.safetensors" for s in (1, 2, 3)
     ]
-    ckpt = torch.load(root / "ddp" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    ckpt = load_checkpoint(root / "ddp" / "checkpoints" / "step-00000003.safetensors")
     assert not any(k.startswith("module.") for k in ckpt["model"])  # loadable without DDP
 
 
@@ -102,8 +103,8 @@ def test_fsdp_two_ranks_train_like_one_process(fsdp_run):
 
 def test_fsdp_checkpoint_is_consolidated_and_resumes_in_one_process(fsdp_run):
     root, single, _ranks = fsdp_run
-    ckpt = torch.load(root / "fsdp" / "checkpoints" / "step-00000003.pt", weights_only=False)
-    plain = torch.load(root / "ddp" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    ckpt = load_checkpoint(root / "fsdp" / "checkpoints" / "step-00000003.safetensors")
+    plain = load_checkpoint(root / "ddp" / "checkpoints" / "step-00000003.safetensors")
     assert ckpt["model"].keys() == plain["model"].keys()  # the layout of a plain model.state_dict()
     assert all(type(v) is torch.Tensor for v in ckpt["model"].values())  # full tensors, no DTensor shards
     assert ckpt["optimizer"]["state"].keys() == plain["optimizer"]["state"].keys()

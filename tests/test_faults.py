@@ -171,3 +171,24 @@ def test_extreme_aspect_ratio_is_refused_before_decoding(tmp_path):
     assert load_image(path, max_aspect=None).size == (1, 100_000)  # opt-out still works
     Image.new("RGB", (400, 100)).save(tmp_path / "wide.png")
     assert load_image(tmp_path / "wide.png").size == (400, 100)  # ordinary panoramas load
+
+
+# ------------------------------------------------------------------------------------------ cut checkpoints
+def test_resume_falls_back_past_a_truncated_newest_checkpoint(tmp_path, capsys):
+    from clipforge.train.runs import RunDir
+
+    out = tmp_path / "run"
+    args = _train_args(out, 3, "run.checkpoint_every=1", "run.keep_last=3")
+    assert main(["train", "--no-progress", *args]) == 0
+    run = RunDir(out)
+    newest = run.latest_checkpoint()
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a full disk mid-write
+    (run.checkpoints / ".step-00000004.safetensors.abc.tmp").write_bytes(b"half")  # an interrupted write
+    capsys.readouterr()
+    assert main(["train", "--no-progress", "--resume", *_train_args(out, 4, "run.keep_last=3")]) == 0
+    printed = capsys.readouterr().out
+    assert "step-00000003.safetensors: not a readable clipforge state file" in printed
+    assert "resuming from the checkpoint before it" in printed and "removed" in printed
+    assert not list(run.checkpoints.glob(".*.tmp"))
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"]
+    assert steps == [1, 2, 3, 4]  # step 3 ran again from step 2's state; no record lost or doubled

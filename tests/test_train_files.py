@@ -28,6 +28,7 @@ from clipforge.tokenizer import Tokenizer, train_bpe
 from clipforge.train.build import build_trainer, open_data, run_experiment
 from clipforge.train.experiment import load_experiment
 from clipforge.train.metrics import read_metrics
+from clipforge.train.runs import load_checkpoint
 from clipforge.train.trainer import TrainingInterrupted
 from clipforge.transforms import eval_transform, train_transform
 
@@ -146,7 +147,7 @@ def test_manifest_cli_end_to_end_skips_eval_and_export(data, tmp_path):
 
     # the export loads back as the trained model (the final checkpoint's weights)
     model, _, tok = clipforge.load(out / "model")
-    state = torch.load(out / "checkpoints" / "step-00000004.pt", weights_only=False)
+    state = load_checkpoint(out / "checkpoints" / "step-00000004.safetensors")
     ref = create_model(model.config)
     ref.load_state_dict(state["model"])
     ref.eval()

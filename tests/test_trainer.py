@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from clipforge import create_model
+from clipforge.checkpoints.state import save_state
 from clipforge.data.streams import BatchStream
 from clipforge.train.experiment import Experiment, load_experiment
 from clipforge.train.metrics import read_metrics
 from clipforge.train.optim import build_optimizer, cosine_schedule
-from clipforge.train.runs import RunDir, atomic_torch_save
+from clipforge.train.runs import RunDir, load_checkpoint
 from clipforge.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 
@@ -102,7 +103,7 @@ def test_resume_reproduces_uninterrupted_loss_curve(tmp_path):
     for a, b in zip(straight.losses[6:], resumed.losses, strict=True):
         assert abs(a - b) <= 1e-6
     pa, pb = make_trainer(tmp_path / "a").model, second.model
-    pa.load_state_dict(torch.load(RunDir(tmp_path / "a").latest_checkpoint(), weights_only=False)["model"])
+    pa.load_state_dict(load_checkpoint(RunDir(tmp_path / "a").latest_checkpoint())["model"])
     for (n, x), y in zip(pa.state_dict().items(), pb.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=n)
 
@@ -159,12 +160,12 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
         make_trainer(tmp_path / "t", steps=6, step_fn=always_nan, max_nonfinite=3).fit()
 
 
-def test_checkpoints_keep_last_and_are_atomic(tmp_path):
+def test_checkpoints_keep_last_and_are_atomic(tmp_path, monkeypatch):
     tr = make_trainer(tmp_path / "k", steps=7, checkpoint_every=2, keep_last=2)
     tr.fit()
     run = RunDir(tmp_path / "k")
     assert [s for s, _ in run.list_checkpoints()] == [6, 7]
-    ck = torch.load(run.latest_checkpoint(), weights_only=False)
+    ck = load_checkpoint(run.latest_checkpoint())
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "data", "step", "config"} <= set(ck)
     assert (
         ck["step"] == 7 and ck["config"] == {"test": True} and set(ck["rng"]) >= {"python", "numpy", "torch"}
@@ -173,15 +174,28 @@ def test_checkpoints_keep_last_and_are_atomic(tmp_path):
     for name in ("loss.png", "temperature.png", "lr.png"):
         assert (tmp_path / "k" / "plots" / name).stat().st_size > 0
 
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom")
+    class Unstorable:
+        pass
 
     good = run.latest_checkpoint().read_bytes()
-    with pytest.raises(RuntimeError, match="boom"):
-        atomic_torch_save({"x": Unpicklable()}, run.latest_checkpoint())
+    with pytest.raises(TypeError, match="Unstorable"):
+        save_state({"x": Unstorable()}, run.latest_checkpoint())
     assert run.latest_checkpoint().read_bytes() == good  # the old file is intact
-    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-00000006.pt", "step-00000007.pt"]
+
+    def dies_mid_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr("safetensors.torch.save_file", dies_mid_write)
+        with pytest.raises(OSError, match="disk full"):
+            save_state({"x": torch.ones(2)}, run.latest_checkpoint())
+    assert run.latest_checkpoint().read_bytes() == good
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == [
+        "step-00000006.safetensors",
+        "step-00000007.safetensors",
+    ]
 
 
 def test_evaluators_and_metrics_log(tmp_path):

@@ -11,11 +11,13 @@ from .convert_openai import (
 from .io import Checkpoint, build_model, load, read_checkpoint
 from .keys import StateDictMismatchError
 from .save import convert_checkpoint, save_hf, save_openai, save_pretrained
+from .state import StateFormatError, load_state, save_state
 from .torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 __all__ = [
     "Checkpoint",
     "StateDictMismatchError",
+    "StateFormatError",
     "build_model",
     "config_from_hf",
     "config_to_hf",
@@ -29,6 +31,7 @@ __all__ = [
     "is_torchscript_archive",
     "load",
     "load_classifier",
+    "load_state",
     "openai_shapes",
     "read_checkpoint",
     "read_torchscript_state_dict",
@@ -36,4 +39,5 @@ __all__ = [
     "save_hf",
     "save_openai",
     "save_pretrained",
+    "save_state",
 ]

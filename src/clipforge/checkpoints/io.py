@@ -11,7 +11,6 @@ Weights are upcast to fp32 exactly (no round trip through fp16, unlike OpenAI's 
 from __future__ import annotations
 
 import json
-import pickle
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,14 +74,16 @@ def read_checkpoint(path: str | Path, config: CLIPConfig | None = None) -> Check
 
 
 def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
+    # No fallback to torch.jit.load: it runs code stored in the archive (a scripted __setstate__).
     try:
         return read_torchscript_state_dict(path)
-    except (pickle.UnpicklingError, KeyError, ValueError, RuntimeError) as e:
-        warnings.warn(
-            f"{path}: reading the TorchScript archive directly failed ({e}); falling back to torch.jit.load",
-            stacklevel=3,
-        )
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    except Exception as e:  # whatever the safe reader could not make sense of (hostile bytes included)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path}: a TorchScript archive clipforge cannot read without running its code ({reason}); "
+            "clipforge never runs code from a checkpoint. If you trust the file, load it with the code "
+            "that wrote it and save model.state_dict() (torch.save or safetensors), then load that"
+        ) from None
 
 
 def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -92,15 +93,14 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         obj: Any = load_file(str(path))
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            # torch's message is long and suggests weights_only=False; keep only its reason
-            msg = str(e)
-            reason = msg.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if msg else "unknown"
+            with warnings.catch_warnings():  # protocol-4 pickles: refused or read all the same
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # hostile, truncated or foreign bytes: weights_only=True ran nothing
             raise ValueError(
                 f"{path}: not a checkpoint clipforge can read safely (torch.load with weights_only=True "
-                f"failed: {reason}); expected an OpenAI / OpenCLIP / HF / clipforge checkpoint"
-            ) from e
+                f"failed: {_torch_load_reason(e)}); expected an OpenAI / OpenCLIP / HF / clipforge checkpoint"
+            ) from None
     fmt = "openai"
     if isinstance(obj, Mapping) and "state_dict" in obj:  # OpenCLIP training checkpoint
         obj, fmt = obj["state_dict"], "openclip"
@@ -109,6 +109,19 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
         obj, fmt = {k[len("module.") :]: v for k, v in obj.items()}, "openclip"
     return dict(obj), fmt
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _torch_load_reason(e: Exception) -> str:
+    """The line of torch.load's error that says what was wrong (its message also suggests
+    turning weights_only off, which is exactly what clipforge must never do)."""
+    for line in str(e).splitlines():
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if line and not line.startswith(_TORCH_BOILERPLATE):
+            return line
+    return type(e).__name__
 
 
 def _read_directory(path: Path, config: CLIPConfig | None) -> Checkpoint:

@@ -18,6 +18,7 @@ side) follows; it is newly initialised, never part of the pretrained weights.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -34,6 +35,14 @@ def _auto():
     except ImportError as e:  # pragma: no cover - transformers is a core dependency
         raise ImportError("HF text towers need the `transformers` package") from e
     return transformers
+
+
+def _first_line(e: Exception) -> str:
+    """The line of a torch.load error naming what was refused (the rest suggests turning weights_only off)."""
+    lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x or "WeightsUnpickler" in x]
+    if not lines:
+        return type(e).__name__
+    return lines[0].removeprefix("WeightsUnpickler error:").split(". Please use", 1)[0].strip()
 
 
 def _check_dir(path: str | Path) -> Path:
@@ -128,7 +137,13 @@ class HFTextEncoder(nn.Module):
             {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
         )
         if pretrained:
-            model = tf.AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
+            try:  # transformers reads pytorch_model.bin with torch.load(weights_only=True): never code
+                model = tf.AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
+            except pickle.UnpicklingError as e:
+                raise ValueError(
+                    f"{path}: its pytorch_model.bin is not a plain state dict (torch.load with "
+                    f"weights_only=True refused it: {_first_line(e)}); use model.safetensors instead"
+                ) from None
         else:
             model = tf.AutoModel.from_config(config, **kwargs)
         tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)

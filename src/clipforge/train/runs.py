@@ -3,7 +3,7 @@
 out/
   experiment.yaml        the resolved experiment config
   metrics.jsonl          one JSON object per logged step / evaluation
-  checkpoints/step-00000500.pt ...
+  checkpoints/step-00000500.safetensors ...   the training state (checkpoints.state: no pickle)
   plots/*.png            written at the end
   model/                 the final model (clipforge.load-able)
 """
@@ -21,7 +21,12 @@ import numpy as np
 import torch
 import yaml
 
-_CKPT = re.compile(r"^step-(\d+)\.pt$")
+from ..checkpoints.state import load_state, save_state
+
+CHECKPOINT_SUFFIX = ".safetensors"
+_CKPT = re.compile(r"^step-(\d+)\.safetensors$")
+# Run checkpoints before the safetensors format: pickles, never read again (a pickle can run code).
+_LEGACY_CKPT = re.compile(r"^step-(\d+)\.pt$")
 
 
 class RunDir:
@@ -37,31 +42,54 @@ class RunDir:
         self.plots.mkdir(parents=True, exist_ok=True)
         return self
 
+    def remove_temp_files(self) -> list[Path]:
+        """Delete what interrupted atomic writes left behind (`.name.*.tmp` files, `.name.tmp-*` folders).
+        Only safe while this process holds the run lock (no other writer)."""
+        import shutil
+
+        removed = []
+        for folder in (self.path, self.checkpoints):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if p.name.startswith(".") and (p.name.endswith(".tmp") or ".tmp-" in p.name):
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
+
     def save_config(self, config: dict[str, Any]) -> None:
         atomic_write_bytes(self.config, yaml.safe_dump(config, sort_keys=False).encode())
 
     def checkpoint_path(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:08d}.pt"
+        return self.checkpoints / f"step-{step:08d}{CHECKPOINT_SUFFIX}"
 
-    def list_checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, path) of complete checkpoints, oldest first (temp files never match the pattern)."""
+    def _find(self, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
         if not self.checkpoints.is_dir():
             return []
         found = []
         for p in self.checkpoints.iterdir():
-            m = _CKPT.match(p.name)
+            m = pattern.match(p.name)
             if m:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of complete checkpoints, oldest first (temp files never match the pattern)."""
+        return self._find(_CKPT)
+
     def latest_checkpoint(self) -> Path | None:
-        ckpts = self.list_checkpoints()
-        return ckpts[-1][1] if ckpts else None
+        """The newest checkpoint, including one in the old pickle format (`step-N.pt`) when that is the
+        newest: resuming then stops with load_checkpoint's message instead of silently using older state."""
+        ckpts = self._find(_LEGACY_CKPT) + self.list_checkpoints()  # same step: the current format wins
+        return max(ckpts, key=lambda c: c[0])[1] if ckpts else None
 
     def save_checkpoint(self, state: dict[str, Any], step: int, keep_last: int) -> Path:
         """Write atomically, then delete all but the newest `keep_last` checkpoints."""
         path = self.checkpoint_path(step)
-        atomic_torch_save(state, path)
+        save_state(state, path)
         for _, old in self.list_checkpoints()[:-keep_last]:
             old.unlink(missing_ok=True)
         return path
@@ -81,28 +109,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save into a temp file in the same folder, fsync, then os.replace: a crash (or SIGKILL)
-    mid-write leaves the previous checkpoint intact and no half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A run checkpoint's training state (tensors on CPU). Reads JSON and tensor bytes only: a file
+    from another machine cannot run code here. Errors are one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    # Our own run checkpoints hold numpy RNG state and plain Python objects next to tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if _LEGACY_CKPT.match(path.name) or path.suffix in (".pt", ".pth", ".bin", ".pkl"):
+        raise ValueError(
+            f"{path}: a run checkpoint in the old pickle format, which clipforge no longer reads because "
+            "unpickling a file can run code; resume it with the clipforge version that wrote it (trusted "
+            f"files only), or start a new run (another output_dir, or move {path.parent} away)"
+        )
+    state = load_state(path)
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path}: a state file without training state (no 'step'); not a run checkpoint")
+    return state
 
 
 # ------------------------------------------------------------------------------------------ RNG state

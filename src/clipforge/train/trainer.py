@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoints.state import StateFormatError
 from ..data.streams import BatchStream, IterableBatchStream
 from .dist import any_rank, is_main
 from .fsdp import full_training_state, is_fsdp, load_full_training_state
@@ -186,14 +187,22 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the newest checkpoint of the run directory; False when there is none."""
-        path = self.run_dir.latest_checkpoint() if self.run_dir is not None else None
-        if path is None:
+        latest = self.run_dir.latest_checkpoint() if self.run_dir is not None else None
+        if latest is None:
             return False
-        state = load_checkpoint(path)
-        if self.check_resume is not None:
-            self.check_resume(state.get("config") or {}, self.config)
-        self.load_state_dict(state)
-        return True
+        older = [p for _, p in reversed(self.run_dir.list_checkpoints()) if p != latest]
+        for path in [latest, *older]:
+            try:
+                state = load_checkpoint(path)
+            except StateFormatError as e:  # cut short by a crash or a full disk: the one before will do
+                if self.is_main:
+                    print(f"note: {e}; resuming from the checkpoint before it")
+                continue
+            if self.check_resume is not None:
+                self.check_resume(state.get("config") or {}, self.config)
+            self.load_state_dict(state)
+            return True
+        raise StateFormatError(f"no readable checkpoint in {self.run_dir.checkpoints}; see the notes above")
 
     # ---------------------------------------------------------------- loop
     def _autocast(self):
@@ -265,6 +274,8 @@ class Trainer:
         logger = None
         if self.run_dir is not None and self.is_main:
             self.run_dir.create()
+            for p in self.run_dir.remove_temp_files():
+                print(f"note: removed {p}, left by an interrupted write")
         if resume and not self.resume() and self.is_main:  # every rank loads the checkpoint
             print(
                 f"no checkpoint in {self.run_dir.checkpoints if self.run_dir else '(no run dir)'}; "
