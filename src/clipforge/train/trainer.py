@@ -191,18 +191,21 @@ class Trainer:
         if latest is None:
             return False
         older = [p for _, p in reversed(self.run_dir.list_checkpoints()) if p != latest]
-        for path in [latest, *older]:
+        errors: list[str] = []
+        candidates = [latest, *older]
+        for path in candidates:
             try:
                 state = load_checkpoint(path)
             except StateFormatError as e:  # cut short by a crash or a full disk: the one before will do
-                if self.is_main:
+                errors.append(str(e))
+                if self.is_main and path != candidates[-1]:
                     print(f"note: {e}; resuming from the checkpoint before it")
                 continue
             if self.check_resume is not None:
                 self.check_resume(state.get("config") or {}, self.config)
             self.load_state_dict(state)
             return True
-        raise StateFormatError(f"no readable checkpoint in {self.run_dir.checkpoints}; see the notes above")
+        raise StateFormatError(f"{errors[0]}; and no older readable checkpoint to resume from")
 
     # ---------------------------------------------------------------- loop
     def _autocast(self):
