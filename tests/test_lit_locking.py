@@ -172,17 +172,47 @@ def test_policy_parse_errors():
         lock_tower(create_model(VIT).visual, unlocked_blocks=3)
 
 
-def test_unlocked_blocks_train_exactly_the_last_blocks_head_and_tower_parameters():
-    """The set of trainable parameters with unlocked_blocks=1: the last block, the head (final norm,
-    projection) and the parameters the tower holds itself (class token, position embedding)."""
+def test_unlocked_blocks_train_exactly_the_last_blocks_and_head():
+    """unlocked_blocks=1 trains the last block and the head (final norm, projection), nothing else: the
+    class token and position embeddings stay locked (issue 11: they used to train, pulling gradients
+    through the locked lower blocks)."""
     vit = lock_tower(create_model(VIT).visual, unlocked_blocks=1)
     trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
     last = {f"transformer.blocks.1.{n}" for n, _ in vit.transformer.blocks[1].named_parameters()}
-    assert trainable == last | {"ln_post.weight", "ln_post.bias", "proj", "class_embedding", "pos_embed"}
+    assert trainable == last | {"ln_post.weight", "ln_post.bias", "proj"}
     rn = lock_tower(create_model(RN).visual, unlocked_blocks=1)
     trainable = {n for n, p in rn.named_parameters() if p.requires_grad}
     last = {f"layer4.0.{n}" for n, _ in rn.layer4[0].named_parameters()}
     assert trainable == last | {f"attnpool.{n}" for n, _ in rn.attnpool.named_parameters()}
+
+
+def test_unlocked_blocks_gradients_and_updates_reach_only_the_unlocked_part():
+    """After a backward pass and an AdamW step (with weight decay): gradients exist exactly for the
+    trainable set, and exactly those parameters changed; text tower likewise (its position embedding)."""
+    model = create_model(VIT)
+    lock_tower(model.visual, unlocked_blocks=1)
+    lock_tower(model.text, unlocked_blocks=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    size = model.config.vision.image_size
+    out = model(
+        torch.randn(4, 3, size, size),
+        torch.randint(1, model.config.text.vocab_size, (4, model.config.text.context_length)),
+    )
+    (out.image_features @ out.text_features.T).sum().backward()
+    opt.step()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n != "logit_scale"}
+    assert with_grad == trainable and changed <= trainable  # (the loss here has no temperature)
+    for name in (
+        "visual.class_embedding",
+        "visual.pos_embed",
+        "text.pos_embed",
+        "visual.transformer.blocks.0.attn.qkv.weight",
+    ):
+        assert name not in with_grad and name not in changed, name
+    assert "visual.transformer.blocks.1.mlp.fc.weight" in changed and "visual.proj" in changed
 
 
 def test_locking_needs_the_tower_contract():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import clipforge
 from clipforge.checkpoints import load
 from clipforge.cli import main
 from clipforge.config import VisionConfig
@@ -160,7 +161,8 @@ def test_example_config_parses():
 
 def test_hf_text_tower_from_config(tmp_path, tower_dir, capsys):
     """model.text_tower = a local HF directory (MiniLM): trains with its own tokenizer; the locked encoder
-    is unchanged; no clipforge export (no format for HF towers yet), said so, not a crash."""
+    is unchanged; the exported model/ loads back (same features, same tokenizer), converts to clipforge
+    and refuses the openai / hf formats with a message naming why."""
     import importlib.metadata
 
     try:
@@ -179,5 +181,19 @@ def test_hf_text_tower_from_config(tmp_path, tower_dir, capsys):
     built.trainer.evaluators = {}
     built.trainer.fit()
     assert all(torch.equal(v, model.text.model.state_dict()[k]) for k, v in encoder.items())
-    assert build_mod.export_model(model, built.tokenizer, tmp_path / "run") is None
-    assert "not written" in capsys.readouterr().out
+    path = build_mod.export_model(model, built.tokenizer, tmp_path / "run")
+    loaded, _, tok = clipforge.load(path)
+    assert isinstance(tok, HFTokenizer) and tok.context_length == built.tokenizer.context_length
+    texts = ["a red circle", "two small blue stars on a wall"]
+    assert torch.equal(tok(texts), built.tokenizer(texts))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(tok(texts)), model.encode_text(tok(texts)))
+        pixels = torch.randn(2, 3, model.config.vision.image_size, model.config.vision.image_size)
+        torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels))
+    assert main(["convert", str(path), str(tmp_path / "again"), "--format", "clipforge"]) == 0
+    again, _, _ = clipforge.load(tmp_path / "again")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in loaded.state_dict().items())
+    capsys.readouterr()
+    assert main(["convert", str(path), str(tmp_path / "oa.pt"), "--format", "openai"]) == 1
+    assert "HF bert encoder (LiT)" in capsys.readouterr().err

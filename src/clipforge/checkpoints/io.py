@@ -29,6 +29,7 @@ from .torchscript import is_torchscript_archive, read_torchscript_state_dict
 FORMAT_NAME = "clipforge"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+HF_TEXT_DIR = "text_tower"  # a LiT model's HF text encoder: its config.json and tokenizer files
 HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -137,7 +138,8 @@ def _read_directory(path: Path, config: CLIPConfig | None) -> Checkpoint:
 
         cfg = config or CLIPConfig.from_dict(spec["model"])
         sd = _upcast(load_file(str(weights)))
-        check_shapes(sd, shapes_of(meta_state_dict(cfg)), f"{weights}")
+        if not _has_hf_text(spec):  # (a HF text tower is checked against the built model, build_model)
+            check_shapes(sd, shapes_of(meta_state_dict(cfg)), f"{weights}")
         return Checkpoint(sd, cfg, "clipforge", path, spec)
     if spec.get("model_type") == "clip" or "vision_config" in spec:
         cfg = config or config_from_hf(spec)
@@ -171,8 +173,28 @@ def _upcast(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
+def _has_hf_text(spec: Mapping[str, Any]) -> bool:
+    return (spec.get("text_tower") or {}).get("kind") == "hf"
+
+
+def _hf_text_tower(ckpt: Checkpoint):
+    """The HF text encoder of a LiT directory, built from text_tower/ (config + tokenizer), weights not
+    yet loaded (they are in model.safetensors)."""
+    from ..models.hf_text import HFTextEncoder
+
+    t = ckpt.spec["text_tower"]
+    return HFTextEncoder.from_pretrained(
+        ckpt.path / t.get("dir", HF_TEXT_DIR), t["embed_dim"], pooling=t["pooling"], pretrained=False
+    )
+
+
 def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> CLIP:
     """A CLIP in eval mode holding the checkpoint's weights (built on meta and assigned: no random init)."""
+    if _has_hf_text(ckpt.spec):  # HF modules keep non-persistent buffers: build them for real
+        model = CLIP(ckpt.config, text_tower=_hf_text_tower(ckpt))
+        check_shapes(ckpt.state_dict, shapes_of(model.state_dict()), f"{ckpt.path / WEIGHTS_FILE}")
+        model.load_state_dict(ckpt.state_dict, strict=True)
+        return model.to(device).eval()
     with torch.device("meta"):
         model = CLIP(ckpt.config)
     model.load_state_dict({k: v.contiguous() for k, v in ckpt.state_dict.items()}, strict=True, assign=True)
@@ -204,6 +226,12 @@ def tokenizer_for(ckpt: Checkpoint):
     from ..tokenizer import Tokenizer
 
     text = ckpt.config.text
+    if _has_hf_text(ckpt.spec):
+        from ..models.hf_text import HFTokenizer
+
+        t = ckpt.spec["text_tower"]
+        ctx = (ckpt.spec.get("tokenizer") or {}).get("context_length") or text.context_length
+        return HFTokenizer.from_pretrained(ckpt.path / t.get("dir", HF_TEXT_DIR), context_length=ctx)
     d = ckpt.path if ckpt.path.is_dir() else None
     if d is not None and (
         ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()) or (d / "tokenizer.json").is_file()

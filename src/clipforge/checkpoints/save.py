@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from ..models.clip import CLIP
+from ..models.hf_text import HFTextEncoder
 from .convert_hf import config_to_hf, convert_clipforge_to_hf
 from .convert_openai import convert_clipforge_to_openai
-from .io import FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE
+from .io import FORMAT_NAME, FORMAT_VERSION, HF_TEXT_DIR, WEIGHTS_FILE
 
 
 @contextmanager
@@ -94,25 +95,43 @@ def save_pretrained(
         "preprocess": _preprocess_dict(model, preprocess),
         "tokenizer": None,
     }
+    hf_text = isinstance(model.text, HFTextEncoder)
+    if hf_text:  # a LiT text tower from HF: its config and tokenizer files go to text_tower/
+        spec["text_tower"] = {**model.text.spec(), "dir": HF_TEXT_DIR}
     if tokenizer is not None:
         spec["tokenizer"] = {
-            "files": ["vocab.json", "merges.txt", "tokenizer_config.json"],
+            "kind": "hf" if hf_text else "clip-bpe",
+            "files": HF_TEXT_DIR if hf_text else ["vocab.json", "merges.txt", "tokenizer_config.json"],
             "vocab_size": tokenizer.vocab_size,
             "context_length": tokenizer.context_length,
             "sot_token_id": tokenizer.sot_token_id,
             "eot_token_id": tokenizer.eot_token_id,
         }
     with atomic_directory(directory) as tmp:
+        # every weight, the HF encoder's included (as text.model.*), in the one safetensors file
         _save_safetensors(model.state_dict(), tmp / WEIGHTS_FILE)
+        if hf_text:
+            (tmp / HF_TEXT_DIR).mkdir()
+            model.text.model.config.save_pretrained(str(tmp / HF_TEXT_DIR))
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tokenizer.save(tmp / HF_TEXT_DIR if hf_text else tmp)
         (tmp / "config.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     return Path(directory)
+
+
+def _refuse_hf_text(model: CLIP, fmt: str) -> None:
+    if isinstance(model.text, HFTextEncoder):
+        raise ValueError(
+            f"cannot write the {fmt} format: this model's text tower is a HF "
+            f"{model.text.spec()['model_type']} encoder (LiT), and {fmt} checkpoints hold only CLIP's own "
+            "text transformer; use --format clipforge"
+        )
 
 
 def save_openai(model: CLIP, path: str | Path) -> Path:
     """Write a plain OpenAI-layout state dict (`torch.save`), as OpenCLIP's converted checkpoints;
     `clip.model.build_model` and `clipforge.load` read it."""
+    _refuse_hf_text(model, "openai")
     sd = _tensors(convert_clipforge_to_openai(model.state_dict(), model.config))
     atomic_file(path, lambda tmp: torch.save(sd, tmp))
     return Path(path)
@@ -121,6 +140,7 @@ def save_openai(model: CLIP, path: str | Path) -> Path:
 def save_hf(model: CLIP, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write a HF CLIP directory (config.json + model.safetensors [+ vocab.json/merges.txt]) that
     `transformers.CLIPModel.from_pretrained` reads."""
+    _refuse_hf_text(model, "hf")
     sd = convert_clipforge_to_hf(model.state_dict(), model.config)
     with atomic_directory(directory) as tmp:
         _save_safetensors(sd, tmp / "model.safetensors")

@@ -151,9 +151,10 @@ def lock_tower(tower: nn.Module, unlocked_blocks: int = 0, keep_trainable: tuple
     if unlocked_blocks:
         for m in blocks[len(blocks) - unlocked_blocks :]:
             m.requires_grad_(True)
-        # Parameters the tower holds itself (not in a submodule: ViT's class token and position
-        # embedding, the text tower's position embedding, `proj`) have always trained with the head.
-        for p in [*head, *tower.parameters(recurse=False)]:
+        # Exactly the last N blocks and the head: the embeddings before the first block (ViT's class
+        # token and position embedding, the text tower's) stay locked, so no gradient flows back through
+        # the locked lower blocks to reach them.
+        for p in head:
             p.requires_grad_(True)
     named = dict(tower.named_parameters())
     for name in keep_trainable:

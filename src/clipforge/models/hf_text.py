@@ -74,6 +74,10 @@ class HFTokenizer:
         path = _check_dir(path)
         return cls(_auto().AutoTokenizer.from_pretrained(str(path), local_files_only=True), context_length)
 
+    def save(self, directory: str | Path) -> None:
+        """The HF tokenizer's own files (HFTokenizer.from_pretrained reads them back)."""
+        self.tokenizer.save_pretrained(str(directory))
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -149,6 +153,15 @@ class HFTextEncoder(nn.Module):
         tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         return cls(model.float(), embed_dim, len(tok), pooling, pad)
+
+    def spec(self) -> dict:
+        """What a checkpoint directory records to rebuild this tower (with the HF config saved beside it)."""
+        return {
+            "kind": "hf",
+            "model_type": self.model.config.model_type,
+            "pooling": self.pooling,
+            "embed_dim": self.proj.out_features,
+        }
 
     def init_weights(self) -> None:
         """Only the projection (the pretrained encoder keeps its weights); CLIP's text-projection std."""

@@ -209,7 +209,20 @@ def build_tokenizer_and_model(
         return tokenizer, build_model(exp, tokenizer, ckpt_model)
     tokenizer = None if exp.model.text_tower else build_tokenizer(exp, source.captions, None, ctx, resume)
     model, tokenizer = build_lit(exp, tokenizer, image_source)
+    if is_main():
+        print(f"LiT {exp.model.lit}: {lit_summary(model)}")
     return tokenizer, model
+
+
+def lit_summary(model: torch.nn.Module) -> str:
+    """'image tower 0 of 5,210,624 parameters trainable (locked); text tower ...' for the log."""
+    parts = []
+    for label, tower in (("image tower", model.visual), ("text tower", model.text)):
+        total = sum(p.numel() for p in tower.parameters())
+        trainable = sum(p.numel() for p in tower.parameters() if p.requires_grad)
+        state = "locked" if trainable == 0 else "unlocked" if trainable == total else "partly locked"
+        parts.append(f"{label} {trainable:,} of {total:,} parameters trainable ({state})")
+    return "; ".join(parts)
 
 
 def data_stream(
@@ -376,21 +389,11 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     return Built(trainer, tokenizer, preprocess, data, export_template)
 
 
-def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preprocess=None) -> Path | None:
-    """save_pretrained into out_dir/model: `clipforge.load(out_dir / "model")` gives the model back.
-
-    A LiT model with a HF text tower has no clipforge checkpoint format yet: nothing is exported (the
-    run's checkpoints hold its weights) and None is returned."""
+def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preprocess=None) -> Path:
+    """save_pretrained into out_dir/model: `clipforge.load(out_dir / "model")` gives the model back (LiT
+    models with a HF text tower included: its config and tokenizer go to model/text_tower/)."""
     from ..checkpoints import save_pretrained
-    from ..models.hf_text import HFTextEncoder
-    from ..transforms import PreprocessConfig
 
-    if isinstance(model.text, HFTextEncoder):
-        print(
-            f"note: {out_dir}/model not written: a HF text tower has no clipforge checkpoint format yet; "
-            f"the weights are in the run checkpoints under {out_dir}"
-        )
-        return None
     path = Path(out_dir) / "model"
     preprocess = preprocess or PreprocessConfig(model.config.vision.image_size)
     save_pretrained(model, path, tokenizer=tokenizer, preprocess=preprocess)
