@@ -10,7 +10,20 @@ import importlib
 import sys
 
 # Subcommand modules (clipforge.cli.<name>); each defines register(subparsers) and sets `func` on its parser.
-COMMANDS = ("info", "train", "demo", "eval", "convert", "shards", "lit")
+COMMANDS = (
+    "info",
+    "train",
+    "demo",
+    "eval",
+    "convert",
+    "shards",
+    "lit",
+    "embed",
+    "index",  # index and search
+    "classify",
+    "score",
+    "export_onnx",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

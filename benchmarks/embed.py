@@ -1,0 +1,336 @@
+"""Using a model on a collection: end-to-end embedding throughput, search latency, label-embedding reuse.
+
+One run, same JPEG files, same weights, same machine:
+
+1. Embedding images/s from JPEG files on disk (decode + preprocess + model + write):
+   - baseline, clip-retrieval style: OpenAI's clip/model.py (loaded by file path) holding the same weights,
+     a torch DataLoader with PIL decoding and the standard eval transform, fp32, normalise, np.save;
+   - ours fp32 (`clipforge.use.embed`; max abs difference to the baseline's embeddings reported, target
+     <= 1e-5), ours bf16 autocast (min cosine to our fp32, target >= 0.999), ours on ONNX Runtime.
+   Fast JPEG decoding at reduced scale (PIL draft / simplejpeg) is not implemented in `embed` yet: no row.
+2. Search latency p50/p99 (one query at a time) for flat / HNSW / IVF-PQ over synthetic unit vectors,
+   with recall@10 against exact search.
+3. `classify` over N images x L labels with the labels embedded once vs HF pipeline semantics (every
+   label re-encoded for every image, one image per forward).
+
+    python benchmarks/embed.py                       # ViT-B-32, 512 images, 100k and 1M vectors
+    python benchmarks/embed.py --quick               # tiny sizes: checks that everything runs
+
+Prints tables and writes benchmarks/results/embed.json. Whether the CPU has bf16 matrix instructions
+(AMX / AVX512-BF16) is recorded in the JSON: bf16 is only expected to be faster where it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import format_table, write_json
+from clipforge import create_model, save_pretrained
+from clipforge.checkpoints import convert_clipforge_to_openai
+from clipforge.tokenizer import Tokenizer
+from clipforge.transforms import PreprocessConfig, eval_transform
+from clipforge.use import EmbeddingStore, EmbedOptions, embed, open_encoder
+from clipforge.use.classify import Classifier, label_embeddings
+from clipforge.use.onnx_export import export_onnx
+
+
+def bf16_matrix_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
+def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(3):
+            x, y = rng.integers(0, 280), rng.integers(0, 200)
+            d.ellipse([x, y, x + 40, y + 40], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        p = folder / f"{i:06d}.jpg"
+        img.save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ 1. embedding
+def openai_clip(model):
+    path = importlib.metadata.distribution("openai-clip").locate_file("clip/model.py")
+    spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sd = {k: v.clone() for k, v in convert_clipforge_to_openai(model.state_dict(), model.config).items()}
+    return module.build_model(sd).float().eval()
+
+
+class Files(Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(Image.open(self.paths[i]).convert("RGB"))
+
+
+def baseline_embed(
+    ref, paths, image_size, out: Path, batch_size: int, workers: int
+) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    loader = DataLoader(
+        Files(paths, eval_transform(PreprocessConfig(image_size))), batch_size, num_workers=workers
+    )
+    feats = []
+    with torch.no_grad():
+        for x in loader:
+            feats.append(F.normalize(ref.encode_image(x).float(), dim=-1).numpy())
+    arr = np.concatenate(feats)
+    np.save(out, arr)
+    return time.perf_counter() - t0, arr
+
+
+def ours(photos, out, model, runtime="torch", precision="fp32", batch_size=32, workers=2):
+    opts = EmbedOptions(batch_size=batch_size, workers=workers, dtype="float32", progress=False)
+    t0 = time.perf_counter()
+    embed(photos, out, model, runtime=runtime, precision=precision, options=opts)
+    seconds = time.perf_counter() - t0
+    store = EmbeddingStore(out)
+    return seconds, store.vectors(np.arange(store.count))
+
+
+def bench_embedding(args, work: Path) -> list[dict]:
+    torch.manual_seed(0)
+    model = create_model(args.model).eval()
+    ckpt = save_pretrained(model, work / "ckpt", tokenizer=Tokenizer.from_openai_vocab())
+    paths = write_jpegs(work / "photos", args.images)
+    n = len(paths)
+    rows = []
+    try:
+        t, base = baseline_embed(
+            openai_clip(model),
+            paths,
+            model.config.vision.image_size,
+            work / "base.npy",
+            args.batch_size,
+            args.workers,
+        )
+        rows.append({"row": "baseline (OpenAI model.py, PIL, fp32)", "images_per_s": n / t})
+    except importlib.metadata.PackageNotFoundError:
+        base = None
+        print("openai-clip is not installed: no baseline row", file=sys.stderr)
+    t, fp32 = ours(work / "photos", work / "fp32", ckpt, batch_size=args.batch_size, workers=args.workers)
+    # OpenAI's build_model assumes 64-wide heads: only then does the baseline hold the same network
+    same_net = model.config.vision.heads == model.config.vision.width // 64
+    diff = float(np.abs(fp32 - base).max()) if base is not None and same_net else None
+    rows.append({"row": "ours fp32", "images_per_s": n / t, "max_abs_diff_to_baseline": diff})
+    t, bf16 = ours(
+        work / "photos",
+        work / "bf16",
+        ckpt,
+        precision="bf16",
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    rows.append(
+        {
+            "row": "ours bf16 autocast",
+            "images_per_s": n / t,
+            "min_cosine_to_fp32": float((bf16 * fp32).sum(1).min()),
+        }
+    )
+    export_onnx(ckpt, work / "onnx")
+    t, onnx = ours(
+        work / "photos",
+        work / "onnx_emb",
+        work / "onnx",
+        runtime="onnx",
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    rows.append(
+        {
+            "row": "ours ONNX Runtime",
+            "images_per_s": n / t,
+            "min_cosine_to_fp32": float((onnx * fp32).sum(1).min()),
+        }
+    )
+    base_rate = rows[0]["images_per_s"] if base is not None else None
+    for r in rows:
+        r["vs_baseline"] = r["images_per_s"] / base_rate if base_rate else None
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ 2. search
+def bench_search(args, work: Path) -> list[dict]:
+    from clipforge.use.embedder import write_part
+    from clipforge.use.index import build_index
+    from clipforge.use.search import Searcher
+    from clipforge.use.store import FORMAT, write_json_atomic
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in args.index_sizes:
+        d = work / f"vectors_{n}"
+        d.mkdir()
+        x = rng.standard_normal((n, args.dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        meta = {k: [None] * n for k in ("path", "caption", "width", "height")}
+        write_part(
+            d,
+            "part-00000",
+            0,
+            {"key": [str(i) for i in range(n)], **meta},
+            {"image": [x.astype(np.float16)]},
+            [],
+        )
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "model": {"fingerprint": "synthetic", "source": "none"},
+            "dim": args.dim,
+            "dtype": "float16",
+            "modality": "image",
+            "modalities": ["image"],
+            "parts": [{"name": "part-00000", "rows": n, "first_id": 0, "skipped": {}}],
+            "count": n,
+            "skipped": {},
+            "input_skipped": {},
+            "complete": True,
+        }
+        write_json_atomic(d / "manifest.json", manifest)
+        queries = x[rng.choice(n, args.queries, replace=False)] + 0.5 * rng.standard_normal(
+            (args.queries, args.dim), dtype=np.float32
+        ) / np.sqrt(args.dim)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        exact = None
+        for kind in ("flat", "hnsw", "ivfpq"):
+            import shutil
+
+            shutil.rmtree(d / "index", ignore_errors=True)
+            t0 = time.perf_counter()
+            build_index(d, kind=kind)
+            build_s = time.perf_counter() - t0
+            s = Searcher(d)
+            lat, found = [], []
+            for q in queries:
+                t0 = time.perf_counter()
+                hits = s.search(q[None], k=10)[0]
+                lat.append(time.perf_counter() - t0)
+                found.append([h["id"] for h in hits])
+            if kind == "flat":
+                exact = found
+            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
+            rows.append(
+                {
+                    "vectors": n,
+                    "index": kind,
+                    "build_s": build_s,
+                    "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+                    "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+                    "recall@10": recall,
+                }
+            )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ 3. classify
+def bench_classify(args, work: Path) -> list[dict]:
+    torch.manual_seed(0)
+    model = create_model(args.model).eval()
+    enc = open_encoder(model)
+    paths = write_jpegs(work / "cls", args.classify_images, seed=1)
+    labels = [f"a photo of object number {i}" for i in range(args.labels)]
+    t0 = time.perf_counter()
+    Classifier(enc, labels).classify(paths, top_k=5, batch_size=args.batch_size, workers=args.workers)
+    once = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for p in paths:  # HF pipeline semantics: the labels are re-encoded for every image, one image per forward
+        from clipforge import load_image
+
+        w = label_embeddings(enc, labels)
+        f = enc.encode_pixels(enc.preprocess(load_image(p))[None])
+        (enc.logit_scale * f @ w.T).softmax(-1).topk(5)
+    per_image = time.perf_counter() - t0
+    n = len(paths)
+    return [
+        {"mode": "labels once, batched", "images": n, "labels": args.labels, "images_per_s": n / once},
+        {
+            "mode": "labels per image (HF pipeline)",
+            "images": n,
+            "labels": args.labels,
+            "images_per_s": n / per_image,
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--index-sizes", default="100000,1000000")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--classify-images", type=int, default=1000)
+    p.add_argument("--labels", type=int, default=100)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (tiny-vit, 32 images, 5k vectors)")
+    p.add_argument("--out", default="embed.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.images, args.index_sizes, args.dim = "tiny-vit", 32, "5000", 64
+        args.queries, args.classify_images, args.labels, args.workers = 20, 16, 10, 0
+    args.index_sizes = [int(s) for s in str(args.index_sizes).split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        emb = bench_embedding(args, work)
+        print(
+            f"\nEmbedding {args.images} JPEG files with {args.model} (decode + preprocess + model + write):"
+        )
+        print(
+            format_table(
+                emb, ["row", "images_per_s", "vs_baseline", "max_abs_diff_to_baseline", "min_cosine_to_fp32"]
+            )
+        )
+        search = bench_search(args, work)
+        print(f"\nSearch latency, one query at a time, d = {args.dim}:")
+        print(format_table(search, ["vectors", "index", "build_s", "p50_ms", "p99_ms", "recall@10"]))
+        cls = bench_classify(args, work)
+        print("\nZero-shot classify:")
+        print(format_table(cls, ["mode", "images", "labels", "images_per_s"]))
+    path = write_json(
+        args.out,
+        {
+            "args": vars(args),
+            "bf16_matrix_instructions": bf16_matrix_flags(),
+            "embedding": emb,
+            "search": search,
+            "classify": cls,
+        },
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""clipforge.use index + search: kind chosen from count and memory, approximate indexes keep >= 0.95 of the
+exact top-10, incremental add without rebuild, deletion, search by text / image / id / vector, dedup."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from clipforge.use import EmbeddingStore, EmbedOptions, embed
+from clipforge.use.embedder import write_part
+from clipforge.use.index import build_index, choose_kind, delete_ids, parse_memory
+from clipforge.use.search import Searcher
+from clipforge.use.store import FORMAT, write_json_atomic
+from use_helpers import tiny_checkpoint, write_images
+
+
+def synthetic_dir(directory, n, dim=32, parts=2, seed=0):
+    """An embedding directory of clustered unit vectors (like real embeddings: not uniform on the sphere)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(50, dim))
+    x = centres[rng.integers(0, 50, n)] + 0.5 * rng.normal(size=(n, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "model": {"fingerprint": "synthetic", "source": "none"},
+        "dim": dim,
+        "dtype": "float32",
+        "modality": "image",
+        "modalities": ["image"],
+        "parts": [],
+        "count": 0,
+        "skipped": {},
+        "input_skipped": {},
+        "complete": True,
+    }
+    directory.mkdir(parents=True)
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    for p, (a, b) in enumerate(itertools.pairwise(bounds)):
+        rows = {
+            "key": [f"v{i}" for i in range(a, b)],
+            "path": [None] * (b - a),
+            "caption": [None] * (b - a),
+            "width": [None] * (b - a),
+            "height": [None] * (b - a),
+        }
+        write_part(directory, f"part-{p:05d}", int(a), rows, {"image": [x[a:b]]}, [])
+        manifest["parts"].append(
+            {"name": f"part-{p:05d}", "rows": int(b - a), "first_id": int(a), "skipped": {}}
+        )
+    manifest["count"] = n
+    write_json_atomic(directory / "manifest.json", manifest)
+    return x
+
+
+def test_kind_follows_count_and_memory():
+    assert parse_memory("4G") == 4 * 1024**3 and parse_memory("512M") == 512 * 1024**2
+    assert choose_kind(1_000, 512, parse_memory("4G")) == "flat"
+    assert choose_kind(1_000_000, 512, parse_memory("4G")) == "hnsw"
+    assert choose_kind(1_000_000, 512, parse_memory("1G")) == "ivfpq"
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_recall_against_exact(tmp_path, kind):
+    x = synthetic_dir(tmp_path / "e", 5_000)
+    build_index(tmp_path / "e", kind=kind)
+    rng = np.random.default_rng(1)
+    q = x[rng.choice(len(x), 100, replace=False)] + 0.3 * rng.normal(size=(100, x.shape[1])).astype(
+        np.float32
+    )
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    hits = Searcher(tmp_path / "e").search(q, k=10)
+    recall = np.mean([len({h["id"] for h in hs} & set(e.tolist())) / 10 for hs, e in zip(hits, exact)])
+    assert recall >= 0.95, recall
+    np.testing.assert_allclose(
+        hits[0][0]["score"], float(q[0] @ x[hits[0][0]["id"]]), atol=1e-5 if kind == "hnsw" else 1e-6
+    )
+
+
+def test_incremental_add_and_delete(tmp_path):
+    x = synthetic_dir(tmp_path / "e", 600, parts=3)
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    full = manifest["parts"]
+    manifest["parts"], manifest["count"] = full[:2], full[2]["first_id"]  # as if part 3 came later
+    write_json_atomic(tmp_path / "e" / "manifest.json", manifest)
+    info = build_index(tmp_path / "e", kind="flat")
+    assert info["count"] == 400 and info["parts"] == ["part-00000", "part-00001"]
+    manifest["parts"], manifest["count"] = full, 600
+    write_json_atomic(tmp_path / "e" / "manifest.json", manifest)
+    info = build_index(tmp_path / "e")  # adds part 3 only
+    assert info["count"] == 600 and len(info["parts"]) == 3
+    s = Searcher(tmp_path / "e")
+    top = s.search(s.query(id=599), k=1)[0][0]
+    assert top["id"] == 599 and top["key"] == "v599" and top["score"] == pytest.approx(1.0, abs=1e-5)
+    assert delete_ids(tmp_path / "e", [599, 3]) == 2
+    s = Searcher(tmp_path / "e")
+    assert s.index.ntotal == 598
+    assert 599 not in {h["id"] for h in s.search(x[599], k=20)[0]}
+    assert build_index(tmp_path / "e")["count"] == 598  # nothing new, deleted stay deleted
+
+
+def test_hnsw_delete_filters(tmp_path):
+    x = synthetic_dir(tmp_path / "e", 500)
+    build_index(tmp_path / "e", kind="hnsw")
+    delete_ids(tmp_path / "e", [7])
+    hits = Searcher(tmp_path / "e").search(x[7], k=5)[0]
+    assert 7 not in {h["id"] for h in hits} and len(hits) == 5
+
+
+def test_search_by_text_image_id_and_dedup(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    photos = tmp_path / "photos"
+    files = write_images(photos, 10)
+    (photos / "copy.png").write_bytes(files[1].read_bytes())  # an exact duplicate of img001.png
+    embed(photos, tmp_path / "emb", ckpt, options=EmbedOptions(progress=False, dtype="float32"))
+    build_index(tmp_path / "emb")
+    s = Searcher(tmp_path / "emb")
+    by_image = s.search(s.query(image=files[1]), k=3)[0]
+    assert {by_image[0]["key"], by_image[1]["key"]} == {"img001.png", "copy.png"}
+    assert by_image[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    collapsed = s.search(s.query(image=files[1]), k=3, dedup=0.99)[0]
+    assert len(collapsed) == 3 and len({h["key"] for h in collapsed} & {"img001.png", "copy.png"}) == 1
+    by_text = s.search(s.query(text="a red picture"), k=11)[0]
+    store = EmbeddingStore(tmp_path / "emb")
+    q = s.encoder.encode_texts(["a red picture"]).numpy()[0]
+    scores = store.vectors(np.arange(store.count)) @ q
+    np.testing.assert_allclose([h["score"] for h in by_text], np.sort(scores)[::-1], atol=1e-5)
+    assert sorted(h["id"] for h in by_text) == list(range(11))
+    by_id = s.search(s.query(id=by_text[0]["id"]), k=1)[0][0]
+    assert by_id["id"] == by_text[0]["id"]
+    with pytest.raises(ValueError, match="exactly one"):
+        s.query(text="a", id=1)
