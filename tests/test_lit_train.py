@@ -197,3 +197,22 @@ def test_hf_text_tower_from_config(tmp_path, tower_dir, capsys):
     capsys.readouterr()
     assert main(["convert", str(path), str(tmp_path / "oa.pt"), "--format", "openai"]) == 1
     assert "HF bert encoder (LiT)" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_image_tower(tmp_path, tower_dir, monkeypatch, capsys):
+    """The locked tower's weights hash travels with the checkpoints: pointing model.image_tower at other
+    weights (here: the same directory, retrained) is refused on --resume, naming the tower."""
+    monkeypatch.setattr(build_mod, "build_evaluators", lambda *a: {})
+    tower = tmp_path / "tower"
+    import shutil
+
+    shutil.copytree(tower_dir, tower)
+    out = tmp_path / "run"
+    assert main(["train", "--no-progress", *_overrides(out, tower)]) == 0
+    assert main(["train", "--no-progress", "--resume", *_overrides(out, tower, "train.steps=4")]) == 0
+    torch.manual_seed(1)
+    save_classifier(ImageClassifier(VISION, 16, 4), tower, ["a", "b", "c", "d"], {"image_size": 32})
+    capsys.readouterr()
+    assert main(["train", "--no-progress", "--resume", *_overrides(out, tower, "train.steps=5")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "the weights of model.image_tower are not the run's" in err

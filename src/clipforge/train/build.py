@@ -316,6 +316,20 @@ def build_step(exp: Experiment, cached: bool):
     )
 
 
+def tower_identity(exp: Experiment, model: torch.nn.Module) -> dict[str, str]:
+    """Weights hashes of the pretrained towers a LiT run starts from, taken before training: a resume whose
+    model.image_tower / text_tower now holds other weights is refused (the checkpoint would silently keep
+    the old ones)."""
+    from ..data.embedding_cache import weights_hash
+
+    out = {}
+    if exp.model.lit is not None:
+        for key, tower in (("image_tower", model.visual), ("text_tower", model.text)):
+            if getattr(exp.model, key):
+                out[key] = weights_hash(tower)
+    return out
+
+
 def _scalars(m) -> dict[str, float]:
     out = {"logit_scale": m.logit_scale.exp().item()}
     if m.logit_bias is not None:
@@ -345,6 +359,7 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     source = open_data(exp, preprocess.image_size)
     tokenizer, model = build_tokenizer_and_model(exp, source, (ckpt_model, ckpt_tok), image_source, resume)
     model = model.train()
+    identity = tower_identity(exp, model)  # before placement (FSDP2 shards the weights)
     if isinstance(source, EmbeddingCacheSource):
         source.check(model.visual, exp.model.image_tower)
     if exp.data.augment == "none":
@@ -382,6 +397,7 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         scalars=_scalars,
         progress=progress,
         tensorboard=r.tensorboard,
+        identity=identity,
         check_resume=lambda saved, current: check_resume_config(
             saved, current, echo=print if dist_info.is_main else (lambda msg: None)
         ),

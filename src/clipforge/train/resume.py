@@ -44,13 +44,20 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def _describe(key: str, old: Any, new: Any) -> str:
+    if key.startswith("identity."):  # weights fingerprints (see build_trainer)
+        what = key.removeprefix("identity.")
+        return f"the weights of model.{what} are not the run's (sha256 {str(old)[:12]} -> {str(new)[:12]})"
+    return f"{key}: {old!r} -> {new!r}"
+
+
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], echo=print) -> None:
     if not saved:
         return  # a checkpoint written without its config: nothing to compare
     changes = config_changes(saved, current)
     refused = {k: v for k, v in changes.items() if not k.startswith(APPLIED) and k not in HARMLESS}
     if refused:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        listed = "; ".join(_describe(k, old, new) for k, (old, new) in refused.items())
         raise ResumeConfigError(
             f"cannot resume: this run changes what the checkpoint was trained as ({listed}). Resume with the "
             "checkpoint's settings, or start a new run.output_dir (fine-tune from the old run's model with "

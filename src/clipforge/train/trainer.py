@@ -84,6 +84,7 @@ class Trainer:
         tensorboard: bool = False,
         handle_signals: bool = True,
         check_resume: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = None,
+        identity: Mapping[str, str] | None = None,
     ) -> None:
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
@@ -96,6 +97,9 @@ class Trainer:
         )
         self.steps, self.batch_size, self.run_dir = steps, batch_size, run_dir
         self.config = dict(config or {})
+        # what the run was started from beyond its config (e.g. a locked tower's weights hash): saved with
+        # every checkpoint and compared on resume as config["identity"]
+        self.identity = dict(identity or {})
         self.precision, self.grad_clip = precision, grad_clip
         self.evaluators = dict(evaluators or {})
         self.eval_every, self.checkpoint_every, self.keep_last = eval_every, checkpoint_every, keep_last
@@ -145,6 +149,7 @@ class Trainer:
             "data": self.data.state_dict(),
             "nonfinite_total": self.nonfinite_total,
             "config": self.config,
+            "identity": self.identity,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -202,7 +207,8 @@ class Trainer:
                     print(f"note: {e}; resuming from the checkpoint before it")
                 continue
             if self.check_resume is not None:
-                self.check_resume(state.get("config") or {}, self.config)
+                saved = {**(state.get("config") or {}), "identity": state.get("identity") or {}}
+                self.check_resume(saved, {**self.config, "identity": self.identity})
             self.load_state_dict(state)
             return True
         raise StateFormatError(f"{errors[0]}; and no older readable checkpoint to resume from")
