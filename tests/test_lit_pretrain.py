@@ -58,3 +58,30 @@ def test_cli_pretrain_then_cache_then_lit(tmp_path, capsys):
     with torch.no_grad():
         live = clf.forward_features(normalise_uint8(images))
     torch.testing.assert_close(torch.stack([cache.get(0), cache.get(1)]), live, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_pretrain_on_folders_reports_validation_accuracy(tmp_path, capsys):
+    """Class folders: a seeded share of each class is held out (eval preprocessing) and its accuracy is
+    reported; with --val, that folder is used instead."""
+    from PIL import Image
+
+    from clipforge.train.pretrain_image import folder_labelled
+    from clipforge.transforms import PreprocessConfig
+
+    for name, colour in [("red", (230, 20, 20)), ("blue", (20, 20, 230))]:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (40, 40), tuple(c + i for c in colour)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    train, val, names = folder_labelled(str(tmp_path / "data"), PreprocessConfig(32), val_fraction=0.2)
+    assert names == ["blue", "red"] and len(train) == 16 and len(val) == 4
+    assert not set(train.indices) & set(val.indices)
+    parser = __import__("argparse").ArgumentParser()
+    lit_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["pretrain-image", "--data", str(tmp_path / "data"),
+                              "--out", str(tmp_path / "c"), "--preset", "tiny-vit", "--image-size", "32", "--steps", "30",
+                              "--batch-size", "8", "--lr", "3e-3", "--quiet"])  # fmt: skip
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["val_accuracy"] is not None and 0.0 <= report["val_accuracy"] <= 1.0

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--label", default="shape", choices=("shape", "colour"), help="synthetic: what to classify"
     )
     p.add_argument("--per-class", type=int, default=200, help="synthetic: images per class")
+    p.add_argument("--val", default=None, help="folders: a validation folder of the same classes")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="folders without --val: share of each class held out for validation")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_pretrain)
@@ -76,11 +79,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
             max(1, args.per_class // 5), vision.image_size, args.seed + 1, args.label, "train"
         )
     else:
-        from ..eval.datasets import ImageFolderDataset
-        from ..transforms import train_transform
+        from ..train.pretrain_image import folder_labelled
 
-        train = ImageFolderDataset(args.data, train_transform(pre))
-        classnames, val = train.classnames, None
+        train, val, classnames = folder_labelled(args.data, pre, args.val, args.val_fraction, args.seed)
     model = ImageClassifier(vision, args.embed_dim or cfg.embed_dim, len(classnames))
     result = pretrain_image(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, seed=args.seed,

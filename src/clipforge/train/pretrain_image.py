@@ -55,6 +55,40 @@ def synthetic_labelled(
 
 
 @torch.no_grad()
+def folder_labelled(
+    root: str, preprocess: Any, val: str | None = None, val_fraction: float = 0.1, seed: int = 0
+) -> tuple[Dataset, Dataset | None, list[str]]:
+    """(train set with training augmentation, validation set with eval preprocessing, class names) from a
+    folder of class folders. Validation: the `val` folder (same classes), else a seeded `val_fraction` of
+    each class held out (at least one image of a class with two or more; none when val_fraction is 0)."""
+    from torch.utils.data import Subset
+
+    from ..eval.datasets import ImageFolderDataset
+    from ..transforms import eval_transform, train_transform
+
+    train = ImageFolderDataset(root, train_transform(preprocess))
+    if val is not None:
+        held = ImageFolderDataset(val, eval_transform(preprocess))
+        if held.folders != train.folders:
+            raise ValueError(
+                f"--val {val}: class folders {held.folders} differ from {root}'s {train.folders}"
+            )
+        return train, held, train.classnames
+    if val_fraction <= 0:
+        return train, None, train.classnames
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(train.samples):
+        by_class.setdefault(label, []).append(i)
+    held_out: list[int] = []
+    for idx in by_class.values():
+        k = min(len(idx) - 1, max(1, round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+        held_out += [idx[j] for j in torch.randperm(len(idx), generator=g)[:k].tolist()]
+    keep = sorted(set(range(len(train))) - set(held_out))
+    evaluation = ImageFolderDataset(root, eval_transform(preprocess))
+    return Subset(train, keep), Subset(evaluation, sorted(held_out)), train.classnames
+
+
 def accuracy(model: ImageClassifier, dataset: Dataset, batch_size: int = 256) -> float:
     was = model.training
     model.eval()
