@@ -80,7 +80,8 @@ def test_cli_pretrain_on_folders_reports_validation_accuracy(tmp_path, capsys):
     parser = __import__("argparse").ArgumentParser()
     lit_cli.register(parser.add_subparsers())
     args = parser.parse_args(["pretrain-image", "--data", str(tmp_path / "data"),
-                              "--out", str(tmp_path / "c"), "--preset", "tiny-vit", "--image-size", "32", "--steps", "30",
+                              "--out", str(tmp_path / "c"), "--preset", "tiny-vit", "--image-size", "32",
+                              "--steps", "30",
                               "--batch-size", "8", "--lr", "3e-3", "--quiet"])  # fmt: skip
     assert args.func(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
