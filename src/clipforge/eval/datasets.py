@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data.pairs import IMAGE_EXTS, manifest_rows, read_folder, read_manifest
 from ..data.skips import SkipCounter, Skipped
-from ..data.wds import image_member, iter_samples, sample_captions, shard_urls
+from ..data.wds import image_member, sample_captions, shard_samples, shard_urls
 from ..transforms import ImageLoadError, load_image
 
 _load_image = load_image
@@ -111,6 +111,8 @@ class ManifestClassificationDataset(Dataset):
 
 
 class _ImageList(Dataset):
+    """Images from paths or (bytes, name) pairs (shard members: errors name shard and member)."""
+
     def __init__(self, sources: list, transform: Callable) -> None:
         self.sources, self.transform = sources, transform
 
@@ -118,8 +120,13 @@ class _ImageList(Dataset):
         return len(self.sources)
 
     def __getitem__(self, i: int) -> dict:
-        src = self.sources[i]
-        return {"image": self.transform(_load_image(io.BytesIO(src) if isinstance(src, bytes) else src))}
+        return {"image": self.transform(_open(self.sources[i]))}
+
+
+def _open(src):
+    if isinstance(src, tuple):  # (bytes, "shard.tar:key.jpg")
+        return _load_image(io.BytesIO(src[0]), name=src[1])
+    return _load_image(src)
 
 
 class RetrievalSet:
@@ -144,27 +151,43 @@ class RetrievalSet:
         return cls(_ImageList([r.image for r in records], transform), [list(r.captions) for r in records])
 
     @classmethod
-    def from_tars(cls, shards: Sequence[str | Path], transform: Callable) -> RetrievalSet:
+    def from_tars(
+        cls,
+        shards: Sequence[str | Path],
+        transform: Callable,
+        skips: SkipCounter | None = None,
+        echo: Callable[[str], None] = tqdm.write,
+    ) -> RetrievalSet:
         """WebDataset tar shards: <key>.<jpg|png|...> with <key>.txt (one caption per line) or <key>.json
         (a list of captions, or {"captions": [...]} / {"caption": str}); samples grouped by webdataset's
-        key rule. Samples without an image or a caption are dropped."""
-        imgs: list[bytes] = []
-        caps: list[list[str]] = []
+        key rule. Samples without an image or a caption, undecodable images and what cut shards lost are
+        dropped, counted by reason and reported once through `echo`."""
         urls = [str(s) for s in shards]
-        for sample in iter_samples(urls, handler=_reraise):
+        skips = skips if skips is not None else SkipCounter(", ".join(urls) if len(urls) < 3 else urls[0])
+        imgs: list[tuple[bytes, str]] = []
+        caps: list[list[str]] = []
+        for sample in shard_samples(urls, skips):
+            where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             ext = image_member(sample)
-            captions = sample_captions(sample)
-            if ext is None or isinstance(captions, Skipped):
+            if ext is None:
+                skips.record("no_image", where)
                 continue
-            imgs.append(sample[ext])
+            captions = sample_captions(sample)
+            if isinstance(captions, Skipped):
+                skips.record(captions.reason, captions.detail)
+                continue
+            try:  # decode once here, so one bad image never stops the feature pass
+                load_image(io.BytesIO(sample[ext]), name=f"{where}.{ext}")
+            except (ImageLoadError, OSError, ValueError) as e:
+                skips.record("corrupt_image", str(e)[:160])
+                continue
+            imgs.append((sample[ext], f"{where}.{ext}"))
             caps.append(captions)
+        if skips.total:
+            echo(skips.summary())
         if not imgs:
-            raise ValueError(f"no (image, caption) samples in {', '.join(urls)}")
+            raise ValueError(f"no (image, caption) samples in {', '.join(urls)} ({skips.summary()})")
         return cls(_ImageList(imgs, transform), caps)
-
-
-def _reraise(exn: Exception) -> bool:
-    raise exn
 
 
 def _is_shards(path: str) -> bool:
@@ -194,7 +217,7 @@ def open_retrieval(
     """Held-out pairs for retrieval: tar shards, a folder with sidecar captions or a manifest. Images that
     cannot be read are dropped once, here, counted by reason and reported through `echo`."""
     if _is_shards(str(path)):
-        return RetrievalSet.from_tars(shard_urls(str(path)), transform)
+        return RetrievalSet.from_tars(shard_urls(str(path)), transform, SkipCounter(str(path)), echo)
     skips = SkipCounter(str(path))
     if Path(path).is_dir():
         records = read_folder(path, skips=skips)
