@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -34,7 +35,31 @@ def _read_classnames(spec, folders: Sequence[str]) -> list[str]:
     return names
 
 
-class ImageFolderDataset(Dataset):
+class _LabelledImages(Dataset):
+    """Items {"image", "label", "valid"}. An image that cannot be read is counted in `skips` (by reason,
+    naming the file) and comes back as a blank image with valid=False: the feature encoder drops it
+    together with its label, so one bad file never stops an evaluation and labels stay aligned."""
+
+    samples: list[tuple[Path, int]]
+    transform: Callable
+    skips: SkipCounter
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        path, label = self.samples[i]
+        try:
+            return {"image": self.transform(_load_image(path)), "label": label, "valid": True}
+        except FileNotFoundError:
+            self.skips.record("missing_image", str(path))
+        except (ImageLoadError, OSError, ValueError) as e:
+            self.skips.record("corrupt_image", str(e)[:160])
+        blank = self.transform(Image.new("RGB", (8, 8)))  # the shape a good item has
+        return {"image": blank, "label": label, "valid": False}
+
+
+class ImageFolderDataset(_LabelledImages):
     """root/<class>/<image>: one folder per class, classes in sorted folder order."""
 
     def __init__(self, root: str | Path, transform: Callable, classnames=None) -> None:
@@ -53,25 +78,18 @@ class ImageFolderDataset(Dataset):
         ]
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {self.root}")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        path, label = self.samples[i]
-        return {"image": self.transform(_load_image(path)), "label": label}
+        self.transform, self.skips = transform, SkipCounter(str(self.root))
 
 
 def _read_rows(path: Path) -> list[dict]:
     """Rows of a .jsonl / .csv / .tsv manifest as dicts (the shared manifest reader)."""
-    rows = [row for _, row in manifest_rows(path)]
+    rows = [row for _, row in manifest_rows(path, strict=True)]
     if not rows:
         raise ValueError(f"manifest is empty: {path}")
     return rows
 
 
-class ManifestClassificationDataset(Dataset):
+class ManifestClassificationDataset(_LabelledImages):
     """A manifest with columns `image` (path, relative to the manifest) and `label` (int or class name)."""
 
     def __init__(
@@ -99,15 +117,16 @@ class ManifestClassificationDataset(Dataset):
             self.classnames = names if classnames is not None else [n.replace("_", " ") for n in names]
             index = {n: i for i, n in enumerate(sorted(set(labels)))}
             ids = [index[v] for v in labels]
-        self.samples = [(path.parent / r[image_key], y) for r, y in zip(rows, ids)]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        p, y = self.samples[i]
-        return {"image": self.transform(_load_image(p)), "label": y}
+        self.transform, self.skips = transform, SkipCounter(str(path))
+        self.samples = []
+        for r, y in zip(rows, ids):
+            image = r[image_key]
+            if not isinstance(image, str) or not image.strip():  # a row without an image path
+                self.skips.record("no_image", f"{path.name}: label {r[label_key]!r}")
+                continue
+            self.samples.append((path.parent / image.strip(), y))
+        if not self.samples:
+            raise ValueError(f"{path}: no rows with an image path ({self.skips.summary()})")
 
 
 class _ImageList(Dataset):
@@ -145,7 +164,7 @@ class RetrievalSet:
     ) -> RetrievalSet:
         """Rows with an image path and a caption (a string, or a list of strings in .jsonl); rows naming
         the same image add captions to it (the shared manifest reader: `data.pairs.read_manifest`)."""
-        records = read_manifest(manifest, image_key, caption_key, **kwargs)
+        records = read_manifest(manifest, image_key, caption_key, strict=True, **kwargs)
         if not records:
             raise ValueError(f"{manifest}: no image-caption rows")
         return cls(_ImageList([r.image for r in records], transform), [list(r.captions) for r in records])
@@ -222,7 +241,7 @@ def open_retrieval(
     if Path(path).is_dir():
         records = read_folder(path, skips=skips)
     else:
-        records = read_manifest(path, image_key, caption_key, sep=sep, root=root, skips=skips)
+        records = read_manifest(path, image_key, caption_key, sep=sep, root=root, skips=skips, strict=True)
     good = []
     for r in records:
         try:
