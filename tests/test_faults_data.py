@@ -36,6 +36,13 @@ def _to_tensor(img):
     return torch.zeros(3, 4, 4)
 
 
+def _pixels(img):
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(img.resize((32, 32)), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
 # ------------------------------------------------------------------------------------------ shards
 def _cut_in_a_header(tar: Path) -> None:
     """Cut the shard 100 bytes into the header of its 4th member: tarfile then ends the archive silently."""
@@ -129,3 +136,159 @@ def test_shards_into_a_non_empty_folder_refuses_or_replaces_atomically(tmp_path,
     (out / "notes.md").write_text("mine")  # not a shard folder: --overwrite refuses to delete it
     with pytest.raises(ValueError, match=r"not shards \(e\.g\. notes\.md\)"):
         _shards_cli(str(src), str(out), "--overwrite")
+
+
+# ------------------------------------------------------------------------------------------ manifests
+def test_a_non_utf8_manifest_row_is_counted_in_training_and_an_error_naming_the_line_in_eval(tmp_path):
+    from clipforge.data.pairs import ManifestPairs
+    from clipforge.eval.datasets import ManifestClassificationDataset
+
+    for i in range(2):
+        (tmp_path / f"{i}.png").write_bytes(_png((i * 90, 0, 0)))
+    (tmp_path / "m.csv").write_bytes(b"image,caption\n0.png,a red square\n1.png,caf\xe9 latin-1\n")
+    ds = ManifestPairs(tmp_path / "m.csv")
+    assert len(ds) == 1 and ds.skips.counts() == {"bad_row": 1}
+    assert ds.skips.examples()["bad_row"] == ["m.csv:3: not UTF-8"]
+    (tmp_path / "m.jsonl").write_bytes(
+        b'{"image": "0.png", "caption": "ok"}\n{"image": "1.png", "caption": "\xff"}\n'
+    )
+    ds = ManifestPairs(tmp_path / "m.jsonl")
+    assert len(ds) == 1 and ds.skips.counts() == {"bad_row": 1}
+    (tmp_path / "l.csv").write_bytes(b"image,label\n0.png,red\n1.png,r\xe9d\n")
+    with pytest.raises(ValueError, match=r"l\.csv:3: not UTF-8"):
+        ManifestClassificationDataset(tmp_path / "l.csv", _to_tensor)
+    with pytest.raises(ValueError, match=r"m\.csv:3: not UTF-8"):
+        open_retrieval(tmp_path / "m.csv", _to_tensor)
+
+
+def test_retrieval_on_a_folder_without_captions_or_an_empty_manifest_names_the_path(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "0.png").write_bytes(_png())
+    with pytest.raises(ValueError, match=r"imgs: no usable image-caption pairs .*no_caption 1"):
+        open_retrieval(tmp_path / "imgs", _to_tensor)
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"e\.jsonl: no usable image-caption pairs"):
+        open_retrieval(tmp_path / "e.jsonl", _to_tensor)
+
+
+# ------------------------------------------------------------------------------------------ eval
+def _class_folder(root: Path) -> Path:
+    for c, color in enumerate([(220, 20, 20), (20, 20, 220)]):
+        d = root / ["red", "blue"][c]
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            (d / f"{i}.png").write_bytes(_png(color))
+    return root
+
+
+def _run_eval(argv, monkeypatch):
+    from clipforge.cli import eval as cli_eval
+    from eval_helpers import WordTokenizer, tiny_model
+
+    monkeypatch.setattr(cli_eval, "_load", lambda path, device: (tiny_model(), _pixels, WordTokenizer()))
+    parser = argparse.ArgumentParser()
+    cli_eval.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_the_eval_feature_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    from clipforge.data.fingerprint import dataset_fingerprint
+
+    data = _class_folder(tmp_path / "test")
+    common = ["--model", "m", "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    argv = ["eval", "zeroshot", "--dataset", str(data), *common]
+    before = dataset_fingerprint(data)
+    assert _run_eval(argv, monkeypatch) == 0
+    for i in range(3):  # the same path now holds other pictures: red becomes blue
+        (data / "red" / f"{i}.png").write_bytes(_png((20, 20, 220), size=9))
+    assert dataset_fingerprint(data) != before
+    assert _run_eval(argv, monkeypatch) == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # recomputed, not served stale
+    acc = json.loads((tmp_path / "out" / "test_zeroshot.json").read_text())["metrics"]["acc1"]
+    assert acc <= 0.5  # every image is blue now: at most the blue half is right
+    # a manifest: its rows and the images it lists; shards: each shard's size and mtime
+    (tmp_path / "m.csv").write_text("image,label\ntest/red/0.png,red\n")
+    fp = dataset_fingerprint(tmp_path / "m.csv")
+    (data / "red" / "0.png").write_bytes(_png((1, 2, 3), size=10))
+    assert dataset_fingerprint(tmp_path / "m.csv") != fp
+    out = _shards(tmp_path / "s")
+    fp = dataset_fingerprint(out)
+    _cut_in_a_header(out / "000002.tar")
+    assert dataset_fingerprint(out) != fp
+
+
+def test_zeroshot_and_linear_probe_skip_bad_images_with_labels_aligned(tmp_path, monkeypatch, capsys):
+    from clipforge.eval.datasets import ImageFolderDataset, ManifestClassificationDataset
+    from clipforge.eval.features import encode_images
+    from eval_helpers import tiny_model
+
+    data = _class_folder(tmp_path / "test")
+    (data / "red" / "9.png").write_bytes(b"\x89PNG truncated")
+    train = _class_folder(tmp_path / "train")
+    (train / "blue" / "9.jpg").write_bytes(b"not a jpeg")
+    common = ["--model", "m", "--output", str(tmp_path / "out")]
+    assert _run_eval(["eval", "zeroshot", "--dataset", str(data), *common], monkeypatch) == 0
+    argv = ["eval", "linear-probe", "--dataset", str(data), "--train", str(train), *common]
+    assert _run_eval(argv, monkeypatch) == 0
+    err = capsys.readouterr()
+    assert "corrupt_image 1" in err.out + err.err and "9.png" in err.out + err.err
+
+    ds = ImageFolderDataset(data, _pixels)
+    feats, labels = encode_images(tiny_model(), ds, batch_size=4, num_workers=0)
+    assert len(feats) == 6 and labels.tolist() == [0, 0, 0, 1, 1, 1]  # blue, red: the bad red one dropped
+    assert ds.skips.counts() == {"corrupt_image": 1}
+    (tmp_path / "m.csv").write_text(
+        "image,label\ntest/red/0.png,red\ntest/red/404.png,red\ntest/blue/0.png,blue\n"
+    )
+    m = ManifestClassificationDataset(tmp_path / "m.csv", _pixels)
+    feats, labels = encode_images(tiny_model(), m, batch_size=2)
+    assert labels.tolist() == [1, 0] and m.skips.counts() == {"missing_image": 1}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_a_wrong_shaped_ln_final_is_reported_as_itself(tmp_path):
+    import torch
+
+    import clipforge
+    from clipforge.checkpoints.convert_openai import convert_clipforge_to_openai, convert_openai_to_clipforge
+    from clipforge.checkpoints.keys import StateDictMismatchError
+
+    m = clipforge.create_model("tiny-vit")
+    sd = convert_clipforge_to_openai(m.state_dict(), m.config)
+    sd["ln_final.weight"] = torch.ones(sd["ln_final.weight"].shape[0] + 8)
+    with pytest.raises(StateDictMismatchError) as e:
+        convert_openai_to_clipforge(sd)
+    assert e.value.misshaped == ["ln_final.weight (got (72,), expected (64,))"]
+    assert not e.value.missing and not e.value.unexpected
+
+
+def _broken_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    good = {"a": torch.zeros(64, 64), "b": torch.ones(3)}
+    save_file(good, str(tmp_path / "good.safetensors"))
+    torch.save(good, tmp_path / "good.pt")
+    st, pt = (tmp_path / "good.safetensors").read_bytes(), (tmp_path / "good.pt").read_bytes()
+    files = {
+        "trunc.safetensors": st[: len(st) // 2],
+        "garbage.safetensors": b"\x12\x00\x00\x00\x00\x00\x00\x00garbage garbage garbage",
+        "empty.pt": b"",
+        "trunc.pt": pt[: len(pt) // 2],
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the checkpoints/io.py change in the datapaths report (the security helper owns io.py)",
+)
+@pytest.mark.parametrize("name", ["trunc.safetensors", "garbage.safetensors", "empty.pt", "trunc.pt"])
+def test_truncated_or_garbage_checkpoints_are_one_line_errors_naming_the_file(tmp_path, capsys, name):
+    path = _broken_checkpoints(tmp_path)[name]
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(path) in err
