@@ -147,15 +147,19 @@ def load_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] | None = None,
     max_aspect: float | None = DEFAULT_MAX_ASPECT,
+    name: str | None = None,
 ) -> Image.Image:
     """Open, fully decode, EXIF-rotate and convert an image file to RGB.
+
+    `name` is what errors call the image when `source` is a file object (e.g. "shard.tar:key.jpg");
+    a path names itself.
 
     Raises FileNotFoundError for a missing path and ImageLoadError (naming the file) for anything that
     is not a decodable image: unknown format, truncated data, or more than `max_pixels` pixels
     (decompression-bomb guard; None disables ours, PIL's own hard limit still applies), or a long side
     more than `max_aspect` times the short side (checked from the header, before any pixel is decoded).
     """
-    name = _name(source)
+    name = name or _name(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():

@@ -9,6 +9,7 @@ our `downsample.conv/bn`. Tensors are copied unchanged, so conversion is lossles
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict
 
@@ -100,6 +101,17 @@ def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
+def _vote(sd: Mapping[str, torch.Tensor], where: list[tuple[str, int]]) -> int:
+    """The size most of the listed (key, dim) entries agree on. Reading one key alone would let a single
+    mis-shaped tensor set the whole config, and the shape check would then blame every other key; with
+    a vote the odd one out is what the check names."""
+    sizes = [sd[k].shape[d] for k, d in where if k in sd and sd[k].dim() > d]
+    if not sizes:
+        _need(sd, where[0][0])
+        raise KeyError(f"cannot infer the architecture: {where[0][0]!r} has too few dimensions")
+    return Counter(sizes).most_common(1)[0][0]
+
+
 def infer_config_from_openai(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     """The CLIPConfig of an OpenAI-layout state dict, from its tensor shapes (ViT and ResNet towers).
 
@@ -110,7 +122,13 @@ def infer_config_from_openai(state_dict: Mapping[str, torch.Tensor]) -> CLIPConf
     sd = state_dict
     if "visual.proj" in sd:
         conv1 = _need(sd, "visual.conv1.weight")  # (w, 3, p, p)
-        width, patch = conv1.shape[0], conv1.shape[-1]
+        patch = conv1.shape[-1]
+        width = _vote(
+            sd,
+            [("visual.conv1.weight", 0), ("visual.class_embedding", 0), ("visual.positional_embedding", 1),
+             ("visual.ln_pre.weight", 0), ("visual.ln_post.weight", 0), ("visual.proj", 0),
+             ("visual.transformer.resblocks.0.ln_1.weight", 0)],
+        )  # fmt: skip
         grid = round((_need(sd, "visual.positional_embedding").shape[0] - 1) ** 0.5)
         hidden = _need(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0]
         vision = VisionConfig(
@@ -134,7 +152,12 @@ def infer_config_from_openai(state_dict: Mapping[str, torch.Tensor]) -> CLIPConf
             "cannot infer the image tower: neither 'visual.proj' (ViT) nor "
             f"'visual.attnpool.positional_embedding' (ResNet) is present; first keys: {list(sd)[:5]}"
         )
-    tw = _need(sd, "ln_final.weight").shape[0]
+    _need(sd, "ln_final.weight")
+    tw = _vote(
+        sd,
+        [("ln_final.weight", 0), ("ln_final.bias", 0), ("token_embedding.weight", 1),
+         ("positional_embedding", 1), ("text_projection", 0), ("transformer.resblocks.0.ln_1.weight", 0)],
+    )  # fmt: skip
     text = TextConfig(
         context_length=_need(sd, "positional_embedding").shape[0],
         vocab_size=_need(sd, "token_embedding.weight").shape[0],
@@ -145,7 +168,9 @@ def infer_config_from_openai(state_dict: Mapping[str, torch.Tensor]) -> CLIPConf
     )
     bias = sd.get("logit_bias")
     return CLIPConfig(
-        embed_dim=_need(sd, "text_projection").shape[1],
+        embed_dim=_vote(
+            sd, [("text_projection", 1), ("visual.proj", 1), ("visual.attnpool.c_proj.weight", 0)]
+        ),
         vision=_match_preset_heads(vision, "vision"),
         text=_match_preset_heads(text, "text"),
         init_logit_bias=None if bias is None else float(bias),

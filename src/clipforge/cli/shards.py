@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-verify", action="store_true", help="copy jpg/png/webp bytes without decoding them first"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shards already in OUT (written aside, then swapped in)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -48,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         skips=skips,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(report.summary())
     return 0

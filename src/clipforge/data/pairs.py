@@ -96,26 +96,48 @@ def manifest_format(path: Path, fmt: str | None = None) -> str:
     return fmt
 
 
+def _not_utf8(text: str) -> bool:
+    """Whether text read with errors="surrogateescape" held bytes that are not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
 def manifest_rows(
-    path: str | Path, fmt: str | None = None, skips: SkipCounter | None = None
+    path: str | Path, fmt: str | None = None, skips: SkipCounter | None = None, strict: bool = False
 ) -> Iterable[tuple[int, dict]]:
     """(line number, row dict) of a CSV/TSV/JSONL manifest: the one manifest reader of training,
-    evaluation and caching. Malformed JSONL lines are counted as bad_row in `skips`."""
+    evaluation and caching. Malformed JSONL lines and rows that are not UTF-8 are counted as bad_row in
+    `skips` (training goes on without them); with `strict` (evaluation, where a dropped row changes the
+    numbers) a row that is not UTF-8 is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     fmt = manifest_format(path, fmt)
     skips = skips if skips is not None else SkipCounter(str(path))
-    with path.open(encoding="utf-8-sig", newline="") as f:
+
+    def undecodable(n: int, text: str) -> bool:
+        if not _not_utf8(text):
+            return False
+        if strict:
+            raise ValueError(f"{path}:{n}: not UTF-8 text; re-save the manifest as UTF-8")
+        skips.record("bad_row", f"{path.name}:{n}: not UTF-8")
+        return True
+
+    # surrogateescape: a stray Latin-1 byte costs its row, not the whole file (a UnicodeDecodeError)
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if fmt in ("csv", "tsv"):
             reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
             if reader.fieldnames is None:
                 return
+            if _not_utf8("".join(k for k in reader.fieldnames if k)):
+                raise ValueError(f"{path}:1: the header is not UTF-8 text; re-save the manifest as UTF-8")
             for n, row in enumerate(reader, start=2):
+                text = "".join(v if isinstance(v, str) else "".join(map(str, v or ())) for v in row.values())
+                if undecodable(n, text):
+                    continue
                 yield n, row
             return
         for n, line in enumerate(f, start=1):
-            if not line.strip():
+            if not line.strip() or undecodable(n, line):
                 continue
             try:
                 row = json.loads(line)
@@ -137,10 +159,11 @@ def read_manifest(
     root: str | Path | None = None,
     fmt: str | None = None,
     skips: SkipCounter | None = None,
+    strict: bool = False,
 ) -> list[PairRecord]:
     """Records of a CSV/TSV/JSONL manifest (format from the suffix unless `fmt` is given). Repeated rows
     of one image merge their captions; relative paths are resolved against `root` (default: the
-    manifest's folder)."""
+    manifest's folder). `strict`: see `manifest_rows`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -149,7 +172,7 @@ def read_manifest(
     base = Path(root) if root is not None else path.parent
     merged: dict[Path, list[str]] = {}
     keys_seen: set[str] = set()
-    for n, row in manifest_rows(path, fmt, skips):
+    for n, row in manifest_rows(path, fmt, skips, strict):
         keys_seen.update(k for k in row if k is not None)
         if image_key not in row or caption_key not in row:
             if fmt != "jsonl":  # a CSV header without the columns: a configuration error

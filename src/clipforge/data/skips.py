@@ -2,8 +2,9 @@
 
 A SkipCounter keeps its counts in a small shared-memory tensor, one row per process (the main process
 and each DataLoader worker write only their own row), so counts recorded inside workers are visible
-in the main process without locks. Detail strings (e.g. the offending file) are kept only in the
-process that recorded them, a few per reason, for the summary.
+in the main process without locks. Detail strings (e.g. the offending file) are kept in the process
+that recorded them, a few per reason; the first one of each reason and process also goes into a shared
+byte table, so the main process's summary names the files a worker skipped.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ REASONS = (
     "non_text_caption",  # a number, null, dict ... where a caption should be, or undecodable bytes
     "no_caption",  # an image without any caption (no sidecar, no txt/json member)
     "bad_row",  # a manifest line that cannot be parsed
-    "corrupt_shard",  # a tar shard that cannot be read (truncated, not a tar)
+    "corrupt_shard",  # a tar shard that cannot be read fully (cut, not a tar) and has no sizes.json count
+    "lost_in_shard",  # samples a cut or corrupt shard did not deliver (its sizes.json count minus those read)
 )
 _MAX_WORKERS = 256  # rows 1..256 belong to DataLoader workers 0..255; beyond that rows are shared
 _EXAMPLES_PER_REASON = 3
+_SHARED_DETAIL_BYTES = 160  # the first detail per (process, reason), UTF-8, zero-padded
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,10 @@ class SkipCounter:
         self.source = source
         # (process slot, reason); moved to shared memory so forked/spawned workers write into it
         self._table = torch.zeros(_MAX_WORKERS + 1, len(REASONS), dtype=torch.int64)
+        self._details = torch.zeros(_MAX_WORKERS + 1, len(REASONS), _SHARED_DETAIL_BYTES, dtype=torch.uint8)
         try:
             self._table.share_memory_()
+            self._details.share_memory_()
         except RuntimeError:  # no shared memory here (e.g. a tiny /dev/shm): worker counts stay in workers
             log.warning(
                 "SkipCounter: shared memory unavailable; skips inside DataLoader workers are not counted"
@@ -66,8 +71,11 @@ class SkipCounter:
         if reason not in REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; known: {', '.join(REASONS)}")
         info = get_worker_info()
-        slot = 0 if info is None else 1 + info.id % _MAX_WORKERS
-        self._table[slot, REASONS.index(reason)] += n
+        slot, col = (0 if info is None else 1 + info.id % _MAX_WORKERS), REASONS.index(reason)
+        self._table[slot, col] += n
+        if detail and not int(self._details[slot, col, 0]):
+            raw = detail.encode("utf-8", "replace")[:_SHARED_DETAIL_BYTES]
+            self._details[slot, col, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         examples = self._examples.setdefault(reason, [])
         if not examples:
             where = f" in {self.source}" if self.source else ""
@@ -87,8 +95,20 @@ class SkipCounter:
         return int(self._table.sum())
 
     def examples(self) -> dict[str, list[str]]:
-        """A few recorded details per reason (from this process only; workers keep theirs)."""
-        return {r: list(v) for r, v in self._examples.items() if v}
+        """A few recorded details per reason: this process's, then the first one of each worker."""
+        out = {r: list(v) for r, v in self._examples.items() if v}
+        info = get_worker_info()
+        mine = 0 if info is None else 1 + info.id % _MAX_WORKERS
+        filled = self._details[:, :, 0].nonzero().tolist()
+        for slot, col in filled:
+            have = out.setdefault(REASONS[col], [])
+            if slot == mine or len(have) >= _EXAMPLES_PER_REASON:
+                continue
+            raw = bytes(self._details[slot, col].tolist()).rstrip(b"\0")
+            detail = raw.decode("utf-8", "replace")
+            if detail not in have:
+                have.append(detail)
+        return {r: v for r, v in out.items() if v}
 
     def update(self, other: SkipCounter | Mapping[str, int]) -> None:
         """Add another counter's (or a {reason: count} dict's) counts into this one."""
@@ -103,6 +123,7 @@ class SkipCounter:
 
     def reset(self) -> None:
         self._table.zero_()
+        self._details.zero_()
         self._examples.clear()
 
     def summary(self) -> str:
@@ -112,8 +133,9 @@ class SkipCounter:
         if not counts:
             return f"no samples skipped{where}"
         parts = []
+        examples = self.examples()
         for reason, n in counts.items():
-            ex = self._examples.get(reason)
+            ex = examples.get(reason)
             parts.append(f"{reason} {n}" + (f" (e.g. {', '.join(ex)})" if ex else ""))
         return f"skipped {sum(counts.values())}{where}: " + ", ".join(parts)
 

@@ -188,8 +188,12 @@ class IterableBatchStream:
                     continue
                 self.index += self.batch_size
                 yield batch
-            if seen == 0:
-                raise ValueError("the training stream yielded no complete batch")
+            if seen == 0:  # e.g. every shard unreadable: say what was skipped (workers count into it too)
+                counts = _skip_counts(self.dataset)
+                raise ValueError(
+                    f"the training stream yielded no complete batch of {self.batch_size}; "
+                    f"skipped: {_fmt(counts)}"
+                )
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self.epoch)
             self.epoch, self.index = self.epoch + 1, 0

@@ -6,13 +6,21 @@ here one caption per line when an image has several) and/or `<key>.json` (`capti
 Reading is deterministic from `seed`: shards are shuffled per epoch (`set_epoch`), split over ranks
 (torch.distributed / RANK, WORLD_SIZE) and DataLoader workers, and samples pass a seeded shuffle buffer.
 Bad samples and unreadable shards are dropped and counted in `dataset.skips` (shared with workers).
+
+A shard cut mid-write is the common fault, and tarfile hides most cuts: a header cut at any offset but
+the first ends the archive silently. So every shard is read on its own (`shard_samples`) and checked
+afterwards: a tar error, a missing end-of-archive marker, or fewer samples than `sizes.json` lists. The
+samples it did not deliver are counted (`lost_in_shard`; without a sizes.json entry the shard counts
+once as `corrupt_shard`), naming the shard and the member where reading stopped.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import shutil
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
@@ -56,6 +64,76 @@ def iter_samples(urls: Sequence[str], handler: Callable[[Exception], bool]) -> I
     samples by webdataset's own rule (the key is the member path up to the first dot of its file name):
     the one key-splitting rule for training, evaluation, caching and BPE captions."""
     return tarfile_samples(({"url": u} for u in urls), handler=handler)
+
+
+def listed_sizes(url: str, _cache: dict[Path, dict[str, int]] | None = None) -> int | None:
+    """The sample count `sizes.json` next to a shard lists for it, or None."""
+    folder = Path(url).parent
+    if _cache is not None and folder in _cache:
+        sizes = _cache[folder]
+    else:
+        f = folder / "sizes.json"
+        try:
+            sizes = json.loads(f.read_text()) if f.is_file() else {}
+        except (OSError, ValueError):
+            sizes = {}  # an unreadable sizes.json only costs the loss count, never the data
+        if _cache is not None:
+            _cache[folder] = sizes
+    n = sizes.get(Path(url).name) if isinstance(sizes, dict) else None
+    return int(n) if isinstance(n, int) else None
+
+
+def tar_is_complete(url: str) -> bool:
+    """Whether a local shard ends with tar's end-of-archive marker (two zero blocks, whole blocks): a file
+    cut anywhere but inside that padding fails this (remote shards are not checked)."""
+    path = Path(url)
+    if "://" in url or url.startswith("pipe:") or not path.is_file():
+        return True
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with path.open("rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
+
+
+def _error_text(exn: Exception) -> str:
+    """A tar error without the file object webdataset appends to it ('... @ <_io.BufferedReader ...>')."""
+    first = str(exn.args[0]) if exn.args else str(exn)
+    return f"{type(exn).__name__}: {first.split(' @ ')[0][:100]}"
+
+
+def shard_samples(urls: Sequence[str], skips: SkipCounter) -> Iterator[dict[str, Any]]:
+    """`iter_samples`, shard by shard, counting into `skips` what a cut or unreadable shard did not
+    deliver (see the module docstring). The samples read before the cut are kept."""
+    sizes: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        yield from _one_shard(url, skips, listed_sizes(url, sizes))
+
+
+def _one_shard(url: str, skips: SkipCounter, expected: int | None) -> Iterator[dict[str, Any]]:
+    errors: list[Exception] = []
+    member = [""]  # the last member header read: where a cut shard stopped
+
+    def seen(name: str) -> bool:
+        member[0] = name
+        return True
+
+    def handler(exn: Exception) -> bool:
+        errors.append(exn)
+        return True  # go on: the samples before the fault are good, and the next shard may be too
+
+    read = 0
+    for sample in tarfile_samples([{"url": url}], handler=handler, select_files=seen):
+        read += 1
+        yield sample
+    why = _error_text(errors[0]) if errors else ("" if tar_is_complete(url) else "no end-of-archive marker")
+    where = f"{url}:{member[0]}" if member[0] else url
+    if expected is not None and read < expected:
+        lost = f"{where}: read {read} of the {expected} samples sizes.json lists"
+        skips.record("lost_in_shard", lost + (f" ({why})" if why else ""), n=expected - read)
+    elif why and expected is None:
+        skips.record("corrupt_shard", f"{where}: {why}; samples after it are lost")
 
 
 def sample_captions(sample: dict[str, Any], caption_key: str = "caption") -> list[str] | Skipped:
@@ -110,9 +188,9 @@ def decode_sample(
     if isinstance(captions, Skipped):
         return captions
     try:
-        image = load_image(io.BytesIO(sample[ext]))
+        image = load_image(io.BytesIO(sample[ext]), name=f"{where}.{ext}")
     except (ImageLoadError, OSError, ValueError) as e:
-        return Skipped("corrupt_image", f"{where}.{ext}: {str(e)[:100]}")
+        return Skipped("corrupt_image", str(e)[:160])
     return image, captions
 
 
@@ -167,10 +245,6 @@ class WebDatasetPairs(IterableDataset):
             total += int(sizes[Path(url).name])
         return total
 
-    def _handler(self, exn: Exception) -> bool:
-        self.skips.record("corrupt_shard", f"{type(exn).__name__}: {str(exn)[:120]}")
-        return True  # keep going with the next shard
-
     def _my_shards(self) -> tuple[list[str], random.Random]:
         shards = list(self.urls)
         if self.shuffle_shards:
@@ -182,7 +256,7 @@ class WebDatasetPairs(IterableDataset):
         return shards, random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
 
     def _raw(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
-        samples = iter_samples(shards, handler=self._handler)
+        samples = shard_samples(shards, self.skips)
         if self.shuffle_buffer <= 1:
             yield from samples
             return
@@ -209,7 +283,10 @@ class WebDatasetPairs(IterableDataset):
             image = self.transform(image) if self.transform is not None else image
             produced += 1
             yield {"image": image, "text": encode_text(self.tokenizer, caption, self.context_length)}
-        if shards and not produced:
+        # Inside a DataLoader worker an empty share is not fatal: another worker may hold the good shards,
+        # and an exception here would stop the whole run for one corrupt shard. The main process's
+        # stream says so (with these counts) when no worker delivered a batch.
+        if shards and not produced and get_worker_info() is None:
             raise ValueError(
                 f"no usable samples in {len(shards)} shard(s) of {self.source}, e.g. {shards[0]} "
                 f"({self.skips.summary()})"
@@ -291,9 +368,9 @@ def _encode_record(
     ext = {"jpeg": "jpg"}.get(path.suffix.lower().lstrip("."), path.suffix.lower().lstrip("."))
     if verify or ext not in SHARD_IMAGE_EXTS:
         try:
-            decoded = load_image(io.BytesIO(data))
+            decoded = load_image(io.BytesIO(data), name=source or None)
         except (ImageLoadError, OSError, ValueError) as e:
-            return Skipped("corrupt_image", f"{source}: {str(e)[:100]}")
+            return Skipped("corrupt_image", str(e)[:160])
         if ext not in SHARD_IMAGE_EXTS:  # bmp, gif, tiff ...: store as PNG, which every reader decodes
             buf = io.BytesIO()
             decoded.save(buf, format="PNG")
@@ -311,17 +388,71 @@ def write_shards(
     verify: bool = True,
     skips: SkipCounter | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ShardWriteReport:
     """Write records (PairRecords of files, or (PIL image, caption or captions) pairs) as WebDataset shards
     of at most `max_count` samples and `max_size` bytes each (a single larger sample gets its own shard),
     plus `sizes.json` ({shard name: count}). Each shard is written to a temp file and renamed when complete.
-    Unreadable images are skipped and counted (with `verify`, every image is decoded first)."""
+    Unreadable images are skipped and counted (with `verify`, every image is decoded first).
+
+    A non-empty `out_dir` is refused: stale shards left next to new ones would be read by training (and
+    sizes.json would not list them). With `overwrite`, a folder holding only shards is replaced: the new
+    shards are written into a temp folder beside it, which then takes its place."""
     records = getattr(records, "records", records)  # a PairDataset: its records, read as raw files
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    limit, skips = parse_size(max_size), skips if skips is not None else SkipCounter(str(out))
     if max_count < 1:
         raise ValueError(f"max_count must be >= 1, got {max_count}")
+    parse_size(max_size)  # a bad size fails before any folder is touched
+    final_dir = Path(out_dir)
+    existing = sorted(p.name for p in final_dir.iterdir()) if final_dir.is_dir() else []
+    if existing and not overwrite:
+        raise ValueError(
+            f"{final_dir} is not empty ({len(existing)} entries, e.g. {', '.join(existing[:3])}): pass "
+            "--overwrite (overwrite=True) to replace its shards, or choose an empty folder"
+        )
+    others = [n for n in existing if not (n.endswith((".tar", ".tmp")) or n == "sizes.json")]
+    if others:
+        raise ValueError(
+            f"{final_dir} holds files that are not shards (e.g. {', '.join(others[:3])}); --overwrite only "
+            "replaces a folder of shards: choose another output folder"
+        )
+    if final_dir.exists() and not final_dir.is_dir():
+        raise ValueError(f"{final_dir} is a file, not a folder: choose an output folder")
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    # existing shards: build the new set beside them and swap it in at the end, so an interrupted write
+    # leaves the old shards intact (and never a mix of old and new)
+    out = final_dir.with_name(f".{final_dir.name}.new-{os.getpid()}") if existing else final_dir
+    if existing and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        report = _write_shards_into(
+            records, out, final_dir, max_size, max_count, name_format, verify, skips, progress
+        )
+    except BaseException:
+        if existing:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if existing:
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        final_dir.rename(old)
+        out.rename(final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    return report
+
+
+def _write_shards_into(
+    records: Any,
+    out: Path,
+    final_dir: Path,
+    max_size: int | str,
+    max_count: int,
+    name_format: str,
+    verify: bool,
+    skips: SkipCounter | None,
+    progress: bool,
+) -> ShardWriteReport:
+    """write_shards' body: shards and sizes.json into `out`; the report names `final_dir`."""
+    limit, skips = parse_size(max_size), skips if skips is not None else SkipCounter(str(final_dir))
     shards: dict[str, int] = {}
     tar: tarfile.TarFile | None = None
     tmp = final = None
@@ -367,10 +498,12 @@ def write_shards(
         count, size, key = count + 1, size + need, key + 1
     close()
     if not shards:
-        raise ValueError(f"no samples written to {out}: the source yielded none ({skips.summary()})")
+        raise ValueError(f"no samples written to {final_dir}: the source yielded none ({skips.summary()})")
     (out / "sizes.json").write_text(json.dumps(shards, indent=1) + "\n")
     names = sorted(shards)
     pattern = (
-        str(out / names[0]) if len(names) == 1 else str(out / f"{{{names[0][:-4]}..{names[-1][:-4]}}}.tar")
+        str(final_dir / names[0])
+        if len(names) == 1
+        else str(final_dir / f"{{{names[0][:-4]}..{names[-1][:-4]}}}.tar")
     )
-    return ShardWriteReport(shards, skips, out, pattern)
+    return ShardWriteReport(shards, skips, final_dir, pattern)

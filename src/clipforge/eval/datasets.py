@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..data.pairs import IMAGE_EXTS, manifest_rows, read_folder, read_manifest
 from ..data.skips import SkipCounter, Skipped
-from ..data.wds import image_member, iter_samples, sample_captions, shard_urls
+from ..data.wds import image_member, sample_captions, shard_samples, shard_urls
 from ..transforms import ImageLoadError, load_image
 
 _load_image = load_image
@@ -34,7 +35,31 @@ def _read_classnames(spec, folders: Sequence[str]) -> list[str]:
     return names
 
 
-class ImageFolderDataset(Dataset):
+class _LabelledImages(Dataset):
+    """Items {"image", "label", "valid"}. An image that cannot be read is counted in `skips` (by reason,
+    naming the file) and comes back as a blank image with valid=False: the feature encoder drops it
+    together with its label, so one bad file never stops an evaluation and labels stay aligned."""
+
+    samples: list[tuple[Path, int]]
+    transform: Callable
+    skips: SkipCounter
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        path, label = self.samples[i]
+        try:
+            return {"image": self.transform(_load_image(path)), "label": label, "valid": True}
+        except FileNotFoundError:
+            self.skips.record("missing_image", str(path))
+        except (ImageLoadError, OSError, ValueError) as e:
+            self.skips.record("corrupt_image", str(e)[:160])
+        blank = self.transform(Image.new("RGB", (8, 8)))  # the shape a good item has
+        return {"image": blank, "label": label, "valid": False}
+
+
+class ImageFolderDataset(_LabelledImages):
     """root/<class>/<image>: one folder per class, classes in sorted folder order."""
 
     def __init__(self, root: str | Path, transform: Callable, classnames=None) -> None:
@@ -53,25 +78,18 @@ class ImageFolderDataset(Dataset):
         ]
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {self.root}")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        path, label = self.samples[i]
-        return {"image": self.transform(_load_image(path)), "label": label}
+        self.transform, self.skips = transform, SkipCounter(str(self.root))
 
 
 def _read_rows(path: Path) -> list[dict]:
     """Rows of a .jsonl / .csv / .tsv manifest as dicts (the shared manifest reader)."""
-    rows = [row for _, row in manifest_rows(path)]
+    rows = [row for _, row in manifest_rows(path, strict=True)]
     if not rows:
         raise ValueError(f"manifest is empty: {path}")
     return rows
 
 
-class ManifestClassificationDataset(Dataset):
+class ManifestClassificationDataset(_LabelledImages):
     """A manifest with columns `image` (path, relative to the manifest) and `label` (int or class name)."""
 
     def __init__(
@@ -99,18 +117,21 @@ class ManifestClassificationDataset(Dataset):
             self.classnames = names if classnames is not None else [n.replace("_", " ") for n in names]
             index = {n: i for i, n in enumerate(sorted(set(labels)))}
             ids = [index[v] for v in labels]
-        self.samples = [(path.parent / r[image_key], y) for r, y in zip(rows, ids)]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        p, y = self.samples[i]
-        return {"image": self.transform(_load_image(p)), "label": y}
+        self.transform, self.skips = transform, SkipCounter(str(path))
+        self.samples = []
+        for r, y in zip(rows, ids):
+            image = r[image_key]
+            if not isinstance(image, str) or not image.strip():  # a row without an image path
+                self.skips.record("no_image", f"{path.name}: label {r[label_key]!r}")
+                continue
+            self.samples.append((path.parent / image.strip(), y))
+        if not self.samples:
+            raise ValueError(f"{path}: no rows with an image path ({self.skips.summary()})")
 
 
 class _ImageList(Dataset):
+    """Images from paths or (bytes, name) pairs (shard members: errors name shard and member)."""
+
     def __init__(self, sources: list, transform: Callable) -> None:
         self.sources, self.transform = sources, transform
 
@@ -118,8 +139,13 @@ class _ImageList(Dataset):
         return len(self.sources)
 
     def __getitem__(self, i: int) -> dict:
-        src = self.sources[i]
-        return {"image": self.transform(_load_image(io.BytesIO(src) if isinstance(src, bytes) else src))}
+        return {"image": self.transform(_open(self.sources[i]))}
+
+
+def _open(src):
+    if isinstance(src, tuple):  # (bytes, "shard.tar:key.jpg")
+        return _load_image(io.BytesIO(src[0]), name=src[1])
+    return _load_image(src)
 
 
 class RetrievalSet:
@@ -138,33 +164,49 @@ class RetrievalSet:
     ) -> RetrievalSet:
         """Rows with an image path and a caption (a string, or a list of strings in .jsonl); rows naming
         the same image add captions to it (the shared manifest reader: `data.pairs.read_manifest`)."""
-        records = read_manifest(manifest, image_key, caption_key, **kwargs)
+        records = read_manifest(manifest, image_key, caption_key, strict=True, **kwargs)
         if not records:
             raise ValueError(f"{manifest}: no image-caption rows")
         return cls(_ImageList([r.image for r in records], transform), [list(r.captions) for r in records])
 
     @classmethod
-    def from_tars(cls, shards: Sequence[str | Path], transform: Callable) -> RetrievalSet:
+    def from_tars(
+        cls,
+        shards: Sequence[str | Path],
+        transform: Callable,
+        skips: SkipCounter | None = None,
+        echo: Callable[[str], None] = tqdm.write,
+    ) -> RetrievalSet:
         """WebDataset tar shards: <key>.<jpg|png|...> with <key>.txt (one caption per line) or <key>.json
         (a list of captions, or {"captions": [...]} / {"caption": str}); samples grouped by webdataset's
-        key rule. Samples without an image or a caption are dropped."""
-        imgs: list[bytes] = []
-        caps: list[list[str]] = []
+        key rule. Samples without an image or a caption, undecodable images and what cut shards lost are
+        dropped, counted by reason and reported once through `echo`."""
         urls = [str(s) for s in shards]
-        for sample in iter_samples(urls, handler=_reraise):
+        skips = skips if skips is not None else SkipCounter(", ".join(urls) if len(urls) < 3 else urls[0])
+        imgs: list[tuple[bytes, str]] = []
+        caps: list[list[str]] = []
+        for sample in shard_samples(urls, skips):
+            where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             ext = image_member(sample)
-            captions = sample_captions(sample)
-            if ext is None or isinstance(captions, Skipped):
+            if ext is None:
+                skips.record("no_image", where)
                 continue
-            imgs.append(sample[ext])
+            captions = sample_captions(sample)
+            if isinstance(captions, Skipped):
+                skips.record(captions.reason, captions.detail)
+                continue
+            try:  # decode once here, so one bad image never stops the feature pass
+                load_image(io.BytesIO(sample[ext]), name=f"{where}.{ext}")
+            except (ImageLoadError, OSError, ValueError) as e:
+                skips.record("corrupt_image", str(e)[:160])
+                continue
+            imgs.append((sample[ext], f"{where}.{ext}"))
             caps.append(captions)
+        if skips.total:
+            echo(skips.summary())
         if not imgs:
-            raise ValueError(f"no (image, caption) samples in {', '.join(urls)}")
+            raise ValueError(f"no (image, caption) samples in {', '.join(urls)} ({skips.summary()})")
         return cls(_ImageList(imgs, transform), caps)
-
-
-def _reraise(exn: Exception) -> bool:
-    raise exn
 
 
 def _is_shards(path: str) -> bool:
@@ -194,12 +236,12 @@ def open_retrieval(
     """Held-out pairs for retrieval: tar shards, a folder with sidecar captions or a manifest. Images that
     cannot be read are dropped once, here, counted by reason and reported through `echo`."""
     if _is_shards(str(path)):
-        return RetrievalSet.from_tars(shard_urls(str(path)), transform)
+        return RetrievalSet.from_tars(shard_urls(str(path)), transform, SkipCounter(str(path)), echo)
     skips = SkipCounter(str(path))
     if Path(path).is_dir():
         records = read_folder(path, skips=skips)
     else:
-        records = read_manifest(path, image_key, caption_key, sep=sep, root=root, skips=skips)
+        records = read_manifest(path, image_key, caption_key, sep=sep, root=root, skips=skips, strict=True)
     good = []
     for r in records:
         try:

@@ -23,13 +23,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch as (images, labels or None), from a tensor, a dict or a tuple."""
+    """A batch as (images, labels or None), from a tensor, a dict or a tuple. Dict items marked
+    valid=False (an unreadable image, counted by its dataset) are dropped with their labels."""
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, dict):
         if "image" not in batch:
             raise KeyError(f"batch dict has no 'image' key (keys: {sorted(batch)})")
-        return batch["image"], batch.get("label")
+        x, y = batch["image"], batch.get("label")
+        if "valid" in batch:
+            keep = torch.as_tensor(batch["valid"], dtype=torch.bool)
+            x, y = x[keep], (torch.as_tensor(y)[keep] if y is not None else None)
+        return x, y
     if isinstance(batch, list | tuple) and len(batch) >= 1:
         labels = batch[1] if len(batch) > 1 else None
         return batch[0], (torch.as_tensor(labels) if labels is not None else None)
@@ -66,14 +71,19 @@ def encode_images(
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
             x, y = _split_batch(batch)
+            if not len(x):  # every image of the batch was unreadable
+                continue
             f = model.encode_image(x.to(device, non_blocking=True)).float()
             feats.append((F.normalize(f, dim=-1) if normalize else f).cpu())
             if y is not None:
                 labels.append(torch.as_tensor(y).long().cpu())
     finally:
         model.train(was_training)
+    skips = getattr(images, "skips", None)
+    if skips is not None and skips.total and hasattr(skips, "summary"):
+        tqdm.write(skips.summary())  # once per pass, with the files named
     if not feats:
-        raise ValueError("no images to encode (empty dataset)")
+        raise ValueError("no images to encode (empty dataset or none readable)")
     if labels and len(labels) != len(feats):
         raise ValueError("some batches carry labels and others do not")
     return torch.cat(feats), (torch.cat(labels) if labels else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.fingerprint import dataset_fingerprint
 from .datasets import RetrievalSet, open_labelled, open_retrieval
 from .features import cached_image_features, encode_texts, model_fingerprint
 from .fewshot import DEFAULT_KS, few_shot_curve, plot_few_shot
@@ -50,7 +51,9 @@ def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pre
     tr_spec = repr(getattr(preprocess, "to_dict", lambda: preprocess)())
 
     def feats(path, ds):
-        return cached_image_features(model, ds, cache, (str(path), tr_spec), fp, batch_size=bs, progress=True)
+        # keyed by the dataset's content, not just its path: changed files must never bring back old numbers
+        key = (str(path), dataset_fingerprint(path) if cache else "", tr_spec)
+        return cached_image_features(model, ds, cache, key, fp, batch_size=bs, progress=True)
 
     metrics: dict = {}
     if task == "retrieval":

@@ -38,7 +38,11 @@ class PretrainResult:
 
 def _xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, Mapping):
-        return batch["image"], torch.as_tensor(batch["label"])
+        x, y = batch["image"], torch.as_tensor(batch["label"])
+        if "valid" in batch:  # eval.datasets marks unreadable images (counted there) instead of failing
+            keep = torch.as_tensor(batch["valid"], dtype=torch.bool)
+            x, y = x[keep], y[keep]
+        return x, y
     return batch[0], torch.as_tensor(batch[1])
 
 
@@ -96,6 +100,8 @@ def accuracy(model: ImageClassifier, dataset: Dataset, batch_size: int = 256) ->
     correct = total = 0
     for batch in DataLoader(dataset, batch_size=batch_size):
         x, y = _xy(batch)
+        if not len(y):
+            continue
         correct += int((model(x.to(device)).argmax(-1).cpu() == y).sum())
         total += len(y)
     model.train(was)
@@ -140,6 +146,8 @@ def pretrain_image(
     while step < steps:
         for batch in loader:
             x, y = _xy(batch)
+            if not len(y):  # every image of the batch was unreadable (counted by the dataset)
+                continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
