@@ -290,10 +290,6 @@ def test_empty_or_truncated_pt_is_a_one_line_error_naming_the_file(tmp_path, cap
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(path) in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the checkpoints/io.py change in the datapaths report (io.py is the security helper's)",
-)
 @pytest.mark.parametrize("name", ["trunc.safetensors", "garbage.safetensors", "dir"])
 def test_truncated_or_garbage_safetensors_are_one_line_errors_naming_the_file(tmp_path, capsys, name):
     import clipforge

@@ -60,7 +60,7 @@ def load_classifier(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[ImageClassifier, dict]:
     """(classifier in eval mode, its config.json spec)."""
-    from safetensors.torch import load_file
+    from .io import load_safetensors
 
     d = Path(directory)
     if not is_classifier_dir(d):
@@ -69,7 +69,7 @@ def load_classifier(
         )
     spec = json.loads((d / "config.json").read_text(encoding="utf-8"))
     model = ImageClassifier(VisionConfig(**spec["vision"]), spec["embed_dim"], spec["num_classes"])
-    missing, unexpected = model.load_state_dict(load_file(str(d / WEIGHTS_FILE)), strict=False)
+    missing, unexpected = model.load_state_dict(load_safetensors(d / WEIGHTS_FILE), strict=False)
     if missing or unexpected:
         raise ValueError(f"{d / WEIGHTS_FILE}: missing keys {missing}, unexpected keys {unexpected}")
     return model.to(device).eval(), spec

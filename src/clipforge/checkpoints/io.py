@@ -87,11 +87,23 @@ def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file with its errors (truncated file, garbage header) as one line naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({reason}); it may be truncated: copy or save it again"
+        ) from None
+
+
 def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path))
+        obj: Any = load_safetensors(path)
     else:
         try:
             with warnings.catch_warnings():  # protocol-4 pickles: refused or read all the same
@@ -134,10 +146,8 @@ def _read_directory(path: Path, config: CLIPConfig | None) -> Checkpoint:
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: clipforge directory lacks {WEIGHTS_FILE}")
-        from safetensors.torch import load_file
-
         cfg = config or CLIPConfig.from_dict(spec["model"])
-        sd = _upcast(load_file(str(weights)))
+        sd = _upcast(load_safetensors(weights))
         if not _has_hf_text(spec):  # (a HF text tower is checked against the built model, build_model)
             check_shapes(sd, shapes_of(meta_state_dict(cfg)), f"{weights}")
         return Checkpoint(sd, cfg, "clipforge", path, spec)
