@@ -32,7 +32,7 @@ def save_classifier(
     model: ImageClassifier, directory: str | Path, classnames: list[str] | None = None, preprocess: Any = None
 ) -> Path:
     """Write a classifier checkpoint directory (atomically)."""
-    from safetensors.torch import save_file
+    from .io import save_safetensors
 
     pre = preprocess.to_dict() if hasattr(preprocess, "to_dict") else dict(preprocess or {})
     pre.setdefault("image_size", model.vision_config.image_size)
@@ -46,7 +46,7 @@ def save_classifier(
     }
     with atomic_directory(directory) as tmp:
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(sd, str(tmp / WEIGHTS_FILE))
+        save_safetensors(sd, tmp / WEIGHTS_FILE)
         (tmp / "config.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     return Path(directory)
 

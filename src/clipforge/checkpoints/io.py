@@ -101,6 +101,26 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata=None) -> None:
+    """safetensors' save_file; an I/O failure (a full disk) is an OSError naming the file, as Python's own
+    writes raise, instead of the library's SafetensorError."""
+    import errno as errno_mod
+    import os
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        n = int(code.group(1))
+        raise OSError(n, os.strerror(n) if n else errno_mod.errorcode.get(n, str(e)), str(path)) from None
+
+
 def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if path.suffix == ".safetensors":
         obj: Any = load_safetensors(path)

@@ -21,7 +21,7 @@ from ..models.clip import CLIP
 from ..models.hf_text import HFTextEncoder
 from .convert_hf import config_to_hf, convert_clipforge_to_hf
 from .convert_openai import convert_clipforge_to_openai
-from .io import FORMAT_NAME, FORMAT_VERSION, HF_TEXT_DIR, WEIGHTS_FILE
+from .io import FORMAT_NAME, FORMAT_VERSION, HF_TEXT_DIR, WEIGHTS_FILE, save_safetensors
 
 
 @contextmanager
@@ -65,9 +65,8 @@ def _tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save_safetensors(sd: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
 
-    save_file(_tensors(sd), str(path), metadata={"format": "pt"})
+    save_safetensors(_tensors(sd), path, metadata={"format": "pt"})
 
 
 def _preprocess_dict(model: CLIP, preprocess: Any) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def decode_state(tree: Any, tensors: Mapping[str, torch.Tensor], where: str = "s
 def save_state(state: Any, path: str | Path) -> Path:
     """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace, so a
     crash (or SIGKILL) mid-write leaves the previous file intact and nothing half-written under `path`."""
-    from safetensors.torch import save_file
+    from .io import save_safetensors
 
     path = Path(path)
     tensors, meta = encode_state(state)  # before touching the disk: a bad value leaves no temp file
@@ -161,7 +161,7 @@ def save_state(state: Any, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
