@@ -35,11 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--tower", required=True, help="classifier directory or any checkpoint clipforge.load reads"
     )
-    c.add_argument("--data", default="synthetic",
-                   help="'synthetic', a manifest (CSV/TSV/JSONL), an image folder with sidecar captions, or "
-                        "WebDataset shards (a .tar, a brace pattern 'shards/{000..009}.tar', a folder of tars)")
-    c.add_argument("--kind", default=None, choices=("synthetic", "manifest", "folder", "webdataset"),
-                   help="data kind as in data.kind (default: inferred from --data)")
+    c.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic', a manifest (CSV/TSV/JSONL), an image folder with sidecar captions, or "
+        "WebDataset shards (a .tar, a brace pattern 'shards/{000..009}.tar', a folder of tars)",
+    )
+    c.add_argument(
+        "--kind",
+        default=None,
+        choices=("synthetic", "manifest", "folder", "webdataset"),
+        help="data kind as in data.kind (default: inferred from --data)",
+    )
     c.add_argument("--image-key", default="image", help="manifest image column (data.image_key)")
     c.add_argument("--caption-key", default="caption", help="manifest caption column / shard json key")
     c.add_argument("--caption-sep", default="||", help="several captions in one field ('' = none)")

@@ -110,7 +110,9 @@ def write_cache(
     cache (see the module docstring). `listed_skips`: what the source dropped while listing its samples
     (bad manifest rows, empty captions), logged with the rest. Returns the finished cache."""
     if views < 1 or batch_size < 1 or shard_size < 1:
-        raise ValueError(f"views, batch_size and shard_size must be >= 1, got {views}, {batch_size}, {shard_size}")
+        raise ValueError(
+            f"views, batch_size and shard_size must be >= 1, got {views}, {batch_size}, {shard_size}"
+        )
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     out = Path(out_dir)
@@ -205,20 +207,22 @@ def write_cache(
 
 def _finish(out: Path, layout: dict, metas: list[dict], listed: list, tail: list) -> EmbeddingCache:
     """captions.jsonl, skipped.log and the complete index.json from the shards' records."""
-    skipped = [tuple(x) for x in listed] + [tuple(x) for m in metas for x in m["skipped"]] + [tuple(x) for x in tail]
+    skipped = (
+        [tuple(x) for x in listed]
+        + [tuple(x) for m in metas for x in m["skipped"]]
+        + [tuple(x) for x in tail]
+    )
     counts: dict[str, int] = {}
     for reason, _ in skipped:
         counts[reason] = counts.get(reason, 0) + 1
     rows = [c for m in metas for c in m["captions"]]
-    if not rows:
-        raise ValueError(
-            f"{out}: no readable samples to cache ({', '.join(f'{k} {v}' for k, v in counts.items()) or 'empty'}); "
-            f"see {out / SKIP_LOG}"
-        )
     log = "".join(f"{reason}\t{detail}\n" for reason, detail in skipped)
     tmp = out / f".{SKIP_LOG}.tmp-{os.getpid()}"
     tmp.write_text(log, encoding="utf-8")
     os.replace(tmp, out / SKIP_LOG)
+    if not rows:
+        why = ", ".join(f"{k} {v}" for k, v in counts.items()) or "the source lists none"
+        raise ValueError(f"{out}: no readable samples to cache ({why}); see {out / SKIP_LOG}")
     if layout["source"] is not None:  # a Dataset's items carry no captions (see cache_embeddings)
         tmp = out / f".{CAPTIONS_FILE}.tmp-{os.getpid()}"
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

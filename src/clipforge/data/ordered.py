@@ -50,7 +50,9 @@ def pair_samples(pairs: PairDataset, start: int = 0) -> Iterator[Sample | Skippe
             yield Sample(got[0], pairs.records[i].captions, str(pairs.records[i].image))
 
 
-def shard_samples(urls: Sequence[str], caption_key: str = "caption", start: int = 0) -> Iterator[Sample | Skipped]:
+def shard_samples(
+    urls: Sequence[str], caption_key: str = "caption", start: int = 0
+) -> Iterator[Sample | Skipped]:
     """Samples of the shards in the given order; an unreadable shard (or the cut end of one) is one Skipped
     position, a bad sample another. Positions before `start` are read as raw bytes, not decoded."""
     broken: list[Skipped] = []

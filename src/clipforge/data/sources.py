@@ -408,7 +408,9 @@ def infer_kind(data: str) -> str:
     if p.is_dir():
         files = [f for f in p.iterdir() if f.is_file()]
         tars = [f for f in files if f.suffix == ".tar"]
-        return "webdataset" if tars and len(tars) == len([f for f in files if f.suffix != ".json"]) else "folder"
+        return (
+            "webdataset" if tars and len(tars) == len([f for f in files if f.suffix != ".json"]) else "folder"
+        )
     if data.endswith(".tar") or "{" in data or "::" in data:
         return "webdataset"
     return "manifest"

@@ -190,11 +190,10 @@ class Experiment:
         if policy.text.pretrained and not m.text_tower:
             raise ValueError(f"model.lit={m.lit}: a pretrained ('{policy.text.mode}') text tower needs "
                              "model.text_tower (a checkpoint or a HF directory)")  # fmt: skip
-        if d.embedding_cache:
-            if not policy.image.locked or policy.image.unlocked_blocks:
-                raise ValueError(f"data.embedding_cache needs a fully locked image tower (model.lit=L?, "
-                                 f"image_unlocked_blocks=0), got lit={m.lit}, "
-                                 f"image_unlocked_blocks={m.image_unlocked_blocks}")  # fmt: skip
+        if d.embedding_cache and (not policy.image.locked or policy.image.unlocked_blocks):
+            raise ValueError(f"data.embedding_cache needs a fully locked image tower (model.lit=L?, "
+                             f"image_unlocked_blocks=0), got lit={m.lit}, "
+                             f"image_unlocked_blocks={m.image_unlocked_blocks}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
