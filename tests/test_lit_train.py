@@ -135,16 +135,6 @@ def test_cache_of_another_tower_or_data_is_refused(tmp_path, tower_dir):
             ["model.lit=Uu", "model.image_tower=x", "model.image_unlocked_blocks=1"],
             "only applies to a locked",
         ),
-        (
-            [
-                "model.lit=Lu",
-                "model.image_tower=x",
-                "data.embedding_cache=c",
-                "data.kind=folder",
-                "data.train=d",
-            ],
-            "synthetic only",
-        ),
     ],
 )
 def test_config_errors(overrides, message):

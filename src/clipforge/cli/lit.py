@@ -39,8 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tower", required=True, help="classifier directory or any checkpoint clipforge.load reads"
     )
     c.add_argument(
-        "--data", default="synthetic", help="'synthetic' or a pair manifest / folder with sidecar captions"
+        "--data",
+        default="synthetic",
+        help="'synthetic', a manifest (CSV/TSV/JSONL), an image folder with sidecar captions, or "
+        "WebDataset shards (a .tar, a brace pattern 'shards/{000..009}.tar', a folder of tars)",
     )
+    c.add_argument(
+        "--kind",
+        default=None,
+        choices=("synthetic", "manifest", "folder", "webdataset"),
+        help="data kind as in data.kind (default: inferred from --data)",
+    )
+    c.add_argument("--image-key", default="image", help="manifest image column (data.image_key)")
+    c.add_argument("--caption-key", default="caption", help="manifest caption column / shard json key")
+    c.add_argument("--caption-sep", default="||", help="several captions in one field ('' = none)")
+    c.add_argument("--root", default=None, help="base of relative manifest image paths (data.root)")
     c.add_argument(
         "--out", required=True, help="cache directory (rerun to resume; refuses another tower's cache)"
     )
@@ -96,31 +109,31 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from ..data.embedding_cache import cache_embeddings
+    from ..data.cache_writer import SkipLog, cache_transform, write_cache
+    from ..data.embedding_cache import SKIP_LOG
+    from ..data.sources import infer_kind, open_source
     from ..lit.build import load_image_tower
-    from ..transforms import PreprocessConfig, eval_transform, train_transform
+    from ..transforms import PreprocessConfig
 
     src = load_image_tower(args.tower)
     pre = PreprocessConfig.from_dict(src.preprocess)
-    spec = {**pre.to_dict(), "augment": args.augment}
-    if args.data == "synthetic":
-        from ..data.memory import TensorPairs
-        from ..data.synthetic import ShapesConfig, make_tensors
-
-        images, captions = make_tensors(
-            ShapesConfig(image_size=pre.image_size, seed=args.seed), args.synthetic_n, "train"
-        )
-        spec["data"] = f"synthetic:{args.seed}:{args.synthetic_n}"
-        crop = None if args.augment == "none" else pre.image_size
-        dataset = TensorPairs(images, captions, crop=crop, mean=pre.mean, std=pre.std)
-    else:
-        from ..data.pairs import open_pairs
-
-        tf = eval_transform(pre) if args.augment == "none" else train_transform(pre, args.augment)
-        dataset = open_pairs(args.data, transform=tf)
-        spec["data"] = str(args.data)
-    cache = cache_embeddings(src.tower, dataset, args.out, preprocess=spec, views=args.views,
-                             batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
-                             dtype=args.dtype, device=args.device, progress=not args.quiet)  # fmt: skip
-    print(json.dumps({"out": args.out, "samples": len(cache), "views": cache.views, "dim": cache.dim}))
+    kind = args.kind or infer_kind(args.data)
+    fields = {"train": args.data, "seed": args.seed, "image_size": pre.image_size,
+              "synthetic_train": args.synthetic_n, "image_key": args.image_key,
+              "caption_key": args.caption_key, "caption_sep": args.caption_sep or None, "root": args.root,
+              "shuffle": False}  # fmt: skip
+    listing = SkipLog(args.data)
+    source = open_source(kind, fields, skips=listing)
+    cache = write_cache(src.tower, source.samples, args.out, transform=cache_transform(pre, args.augment),
+                        preprocess={**pre.to_dict(), "augment": args.augment}, source=source.fingerprint(),
+                        views=args.views, batch_size=args.batch_size, shard_size=args.shard_size,
+                        seed=args.seed, dtype=args.dtype, device=args.device,
+                        listed_skips=listing.entries, progress=not args.quiet)  # fmt: skip
+    skipped = cache.index.get("skipped", {})
+    if skipped:
+        parts = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+        print(f"skipped {sum(skipped.values())} samples of {args.data} ({parts}); every one is named in "
+              f"{cache.directory / SKIP_LOG}")  # fmt: skip
+    print(json.dumps({"out": args.out, "kind": kind, "samples": len(cache), "views": cache.views,
+                      "dim": cache.dim, "skipped": skipped}))  # fmt: skip
     return 0

@@ -1,29 +1,20 @@
-"""Precomputed image embeddings of a locked tower (LiT, Zhai et al. 2022, Table 7).
+"""Precomputed image embeddings of a locked tower (LiT, Zhai et al. 2022, Table 7): the read side.
 
-A locked image tower gives the same embedding for the same input at every step, so it can run once:
+A locked image tower gives the same embedding for the same input at every step, so it runs once
+(`data/cache_writer.py`, `clipforge cache-embeddings`) and training reads what it wrote:
 
-    cache_embeddings(tower, dataset, "cache/", preprocess=pre.to_dict(), views=4)   # once
-    pairs = CachedPairs(EmbeddingCache("cache/", tower=tower, preprocess=pre.to_dict()), tokens)
+    cache = EmbeddingCache("cache/", tower=tower, preprocess=spec)   # refuses another tower's cache
+    pairs = CachedCaptionPairs(cache, cache.captions(), tokenizer, 77)
     # training batches then hold {"image_embedding": (B, D), "text": (B, T)}: the tower never runs
 
-Layout of the cache directory:
-- `index.json`: format, the tower fingerprint (sha256 of every weight tensor's name, shape, dtype and
-  bytes, and of the preprocessing spec), num_samples, views, dim, dtype, shard_size, seed, shards;
-- `shard_00000.npy` ...: numpy arrays (n, views, dim), opened memory-mapped (np.load(mmap_mode="r")),
-  so a cache larger than memory costs only what a batch touches.
-View k of sample i is `dataset[i]` with every RNG seeded from (seed, k, i): with a random augmentation
-in the dataset's transform, K views are K augmented crops (view 0 included); without one they are equal.
-
-Resumable: each shard is written to a temporary file and renamed when done; a rerun skips finished
-shards. A directory made by another tower, preprocessing or layout is refused (CacheMismatchError)
-instead of silently mixing embeddings.
+The shards are numpy arrays (n, views, dim) opened memory-mapped (np.load(mmap_mode="r")), so a cache
+larger than memory costs only what a batch touches. See cache_writer.py for the directory layout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,12 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
-
-from .seeding import forked_rng
 
 CACHE_FORMAT = "clipforge-embeddings"
 INDEX_FILE = "index.json"
+CAPTIONS_FILE = "captions.jsonl"  # every cached sample's captions, one JSON list per line, in row order
+SKIP_LOG = "skipped.log"  # every sample the writer skipped: reason<TAB>file or shard:key
 
 
 class CacheMismatchError(ValueError):
@@ -66,118 +56,6 @@ def _mismatch(found: Mapping[str, Any], expected: Mapping[str, Any], where: Path
         return None
     parts = [f"{k}: cache has {found.get(k)!r}, expected {expected.get(k)!r}" for k in diffs]
     return f"{where}: the embedding cache was made differently ({'; '.join(parts)})"
-
-
-def _image_of(item: Any) -> torch.Tensor:
-    if isinstance(item, Mapping):
-        return item["image"]
-    if isinstance(item, (tuple, list)):
-        return item[0]
-    return item
-
-
-def _view_seed(seed: int, view: int, index: int) -> int:
-    return ((seed * 1_000_003 + view) * 1_000_000_007 + index) & 0x7FFF_FFFF_FFFF
-
-
-def cache_embeddings(
-    tower: nn.Module,
-    dataset: Dataset,
-    out_dir: str | Path,
-    *,
-    preprocess: Mapping[str, Any],
-    views: int = 1,
-    batch_size: int = 256,
-    shard_size: int = 8192,
-    seed: int = 0,
-    dtype: str = "float32",
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> EmbeddingCache:
-    """Run `tower` (images (B, 3, S, S) -> (B, D)) over `dataset` once per view; write the cache.
-
-    dataset items: {"image": tensor, ...}, (image, ...) or an image tensor. The embeddings are the
-    tower's raw outputs (unnormalised, as `encode_image` returns them). Returns the finished cache.
-    """
-    if views < 1 or batch_size < 1 or shard_size < 1:
-        raise ValueError(
-            f"views, batch_size and shard_size must be >= 1, got {views}, {batch_size}, {shard_size}"
-        )
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("cache_embeddings: the dataset is empty")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    num_shards = -(-n // shard_size)
-    layout = {
-        "format": CACHE_FORMAT,
-        "fingerprint": tower_fingerprint(tower, preprocess),
-        "num_samples": n,
-        "views": views,
-        "dtype": dtype,
-        "shard_size": shard_size,
-        "seed": seed,
-        "shards": [f"shard_{s:05d}.npy" for s in range(num_shards)],
-    }
-    index_path = out / INDEX_FILE
-    index = None
-    if index_path.is_file():
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        msg = _mismatch({k: index.get(k) for k in layout}, layout, out)
-        if msg:
-            raise CacheMismatchError(msg + "; use another directory or delete this one")
-    device = torch.device(device)
-    was_training = tower.training
-    tower.eval().to(device)
-    todo = [s for s in range(num_shards) if not (out / layout["shards"][s]).is_file()]
-    total = n * views
-    bar = tqdm(total=total, initial=total - sum(_shard_len(s, n, shard_size) for s in todo) * views,
-               desc="embeddings", unit="img", disable=not progress, dynamic_ncols=True)  # fmt: skip
-    np_dtype = np.dtype(dtype)
-    try:
-        with torch.inference_mode():
-            for s in todo:
-                start, count = s * shard_size, _shard_len(s, n, shard_size)
-                arr = None
-                final = out / layout["shards"][s]
-                tmp = out / f".{final.name}.tmp-{os.getpid()}"
-                for view in range(views):
-                    for b in range(start, start + count, batch_size):
-                        idx = range(b, min(b + batch_size, start + count))
-                        imgs = []
-                        for i in idx:
-                            with forked_rng(_view_seed(seed, view, i)):
-                                imgs.append(_image_of(dataset[i]))
-                        emb = tower(torch.stack(imgs).to(device)).float().cpu().numpy()  # (b, D)
-                        if arr is None:
-                            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype,
-                                                            shape=(count, views, emb.shape[1]))  # fmt: skip
-                            if index is None:
-                                index = {**layout, "dim": int(emb.shape[1])}
-                                _write_json(index_path, index)
-                        arr[b - start : b - start + len(idx), view] = emb
-                        bar.update(len(idx))
-                arr.flush()
-                del arr
-                os.replace(tmp, final)
-    finally:
-        bar.close()
-        tower.train(was_training)
-        for f in out.glob(".shard_*.tmp-*"):
-            f.unlink(missing_ok=True)
-    return EmbeddingCache(out, fingerprint=layout["fingerprint"])
-
-
-def _shard_len(s: int, n: int, shard_size: int) -> int:
-    return min(shard_size, n - s * shard_size)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class EmbeddingCache:
@@ -216,6 +94,11 @@ class EmbeddingCache:
                     + "; the cache belongs to another tower or preprocessing: "
                     "rebuild it with `clipforge cache-embeddings`"
                 )
+        if not self.index.get("complete", False):
+            raise ValueError(
+                f"{self.directory}: incomplete embedding cache (the writer did not finish); rerun "
+                "`clipforge cache-embeddings` with the same arguments to finish it"
+            )
         missing = [f for f in self.index["shards"] if not (self.directory / f).is_file()]
         if missing:
             raise ValueError(
@@ -233,6 +116,29 @@ class EmbeddingCache:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    @property
+    def source(self) -> dict[str, Any] | None:
+        """The fingerprint of the source the cache was made from (None: made from a Dataset)."""
+        return self.index.get("source")
+
+    def captions(self) -> list[list[str]]:
+        """Every cached sample's captions in row order, checked against the index's hash."""
+        from .ordered import captions_digest
+
+        path = self.directory / CAPTIONS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the cache holds no captions (made from a Dataset or by an older clipforge); "
+                "rebuild it with `clipforge cache-embeddings`"
+            )
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        if len(rows) != self.num_samples or captions_digest(rows) != self.index.get("captions_sha256"):
+            raise ValueError(
+                f"{path}: {len(rows)} caption rows that do not match index.json "
+                f"({self.num_samples} samples, captions_sha256); rebuild the cache"
+            )
+        return rows
 
     def _shard(self, s: int) -> np.ndarray:
         if s not in self._shards:
@@ -280,3 +186,30 @@ class CachedPairs(Dataset):
             kw = {"context_length": self.context_length, "truncate": True} if self.context_length else {}
             text = self.tokenizer([text], **kw)[0]
         return {"image_embedding": views[v], "text": text}
+
+
+class CachedCaptionPairs(Dataset):
+    """The cache with its own captions: {"image_embedding": (D,), "text": tokens}. Each access picks one
+    view and then one of the sample's captions from torch's global RNG, which BatchStream seeds per
+    (epoch, sample): the same batches at any world size, and after a resume."""
+
+    def __init__(self, cache: EmbeddingCache, captions: Sequence[Sequence[str]], tokenizer: Any,
+                 context_length: int) -> None:  # fmt: skip
+        if len(captions) != len(cache):
+            raise ValueError(f"the cache holds {len(cache)} images but {len(captions)} caption lists")
+        flat = [c for row in captions for c in row]
+        self.tokens = tokenizer(flat, context_length=context_length, truncate=True)  # (total captions, T)
+        self.offsets = [0]
+        for row in captions:
+            self.offsets.append(self.offsets[-1] + len(row))
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        views = self.cache[i]
+        v = int(torch.randint(len(views), ())) if len(views) > 1 else 0
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        c = lo + int(torch.randint(hi - lo, ())) if hi - lo > 1 else lo
+        return {"image_embedding": views[v], "text": self.tokens[c]}

@@ -5,6 +5,8 @@
     data = source.dataset(transform, tokenizer, 77)  # {"image", "text"} items (map-style or a stream)
     stream = source.stream(data, StreamOptions(batch_size=64, seed=0))   # resumable batches
     source.eval_sets()                               # built-in evaluation inputs (the synthetic set's)
+    source.samples(start)                            # every sample in a fixed order (the cache writer)
+    source.fingerprint()                             # what the data is, by content (caches record it)
 
 The trainer, the embedding-cache writer and evaluation take any Source; adding a data kind means one class
 here and one entry in SOURCES. Data code receives the fields it needs (an `Options` dataclass per kind),
@@ -14,7 +16,7 @@ never the whole experiment. Bad samples are counted by reason in `source.skips` 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,11 +25,20 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from ..transforms import normalise_uint8
-from .embedding_cache import CachedPairs, CacheMismatchError, EmbeddingCache, weights_hash
+from .embedding_cache import CachedCaptionPairs, CacheMismatchError, EmbeddingCache, weights_hash
 from .memory import TensorPairs
+from .ordered import (
+    Sample,
+    captions_digest,
+    fingerprint_diff,
+    pair_samples,
+    pairs_fingerprint,
+    shard_samples,
+    shards_fingerprint,
+)
 from .pairs import PairDataset, open_pairs
 from .shard_split import DistributedWebDataset, check_shard_split
-from .skips import SkipCounter
+from .skips import SkipCounter, Skipped
 from .streams import BatchStream, IterableBatchStream, SeededTransformStream
 from .wds import shard_captions
 
@@ -103,7 +114,16 @@ class Source:
         return {}
 
     def identity(self) -> str:
-        """What the data is, for caches made from it."""
+        """What the data is, in words (a path, a pattern, the synthetic seed and size)."""
+        raise NotImplementedError
+
+    def samples(self, start: int = 0) -> Iterator[Sample | Skipped]:
+        """Every sample with all its captions in one fixed order (no shuffle, no rank split), unreadable
+        ones as Skipped, from position `start` (positions count both; see data/ordered.py)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the data is by content: kind, files (paths, sizes, mtimes), listed samples, captions."""
         raise NotImplementedError
 
 
@@ -124,7 +144,7 @@ class SyntheticSource(Source):
         synthetic_train: int = 20000  # images (the names of the experiment's data fields)
         synthetic_val: int = 512
 
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, skips: SkipCounter | None = None) -> None:
         from .synthetic import ShapesConfig, classification_set, make_tensors
 
         self.opts = opts
@@ -157,6 +177,20 @@ class SyntheticSource(Source):
     def identity(self) -> str:
         return f"synthetic:{self.opts.seed}:{self.opts.synthetic_train}"
 
+    def samples(self, start: int = 0) -> Iterator[Sample | Skipped]:
+        for i in range(start, len(self.images)):
+            yield Sample(self.images[i], (self._captions[i],), f"synthetic:{i}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        o = self.opts
+        return {
+            "kind": "synthetic",
+            "path": self.identity(),
+            "files": f"seed={o.seed} image_size={o.image_size}",
+            "samples": o.synthetic_train,
+            "captions": captions_digest([c] for c in self._captions),
+        }
+
 
 @dataclass(frozen=True)
 class FileOptions:
@@ -172,8 +206,8 @@ class FileOptions:
 class _PairsSource(Source):
     """Map-style pairs from files: a bad image is counted and replaced by the next readable one."""
 
-    def __init__(self, pairs: PairDataset, path: str) -> None:
-        self.pairs, self.path = pairs, path
+    def __init__(self, pairs: PairDataset, path: str, base: Path) -> None:
+        self.pairs, self.path, self.base = pairs, path, base
         self.skips = pairs.skips
 
     def captions(self) -> list[str]:
@@ -190,12 +224,18 @@ class _PairsSource(Source):
     def identity(self) -> str:
         return self.path
 
+    def samples(self, start: int = 0) -> Iterator[Sample | Skipped]:
+        return pair_samples(self.pairs, start)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return pairs_fingerprint(self.kind, self.pairs, Path(self.path), self.base)
+
 
 class ManifestSource(_PairsSource):
     kind = "manifest"
     Options = FileOptions
 
-    def __init__(self, opts: FileOptions) -> None:
+    def __init__(self, opts: FileOptions, skips: SkipCounter | None = None) -> None:
         p = Path(opts.train)
         if p.is_dir():
             raise ValueError(f"data.train: {p} is a folder; use data.kind=folder, or give a manifest file")
@@ -207,19 +247,20 @@ class ManifestSource(_PairsSource):
             caption_key=opts.caption_key,
             sep=opts.caption_sep,
             root=opts.root,
+            skips=skips,
         )
-        super().__init__(pairs, str(p))
+        super().__init__(pairs, str(p), Path(opts.root) if opts.root is not None else p.parent)
 
 
 class FolderSource(_PairsSource):
     kind = "folder"
     Options = FileOptions
 
-    def __init__(self, opts: FileOptions) -> None:
+    def __init__(self, opts: FileOptions, skips: SkipCounter | None = None) -> None:
         p = Path(opts.train)
         if not p.is_dir():
             raise FileNotFoundError(f"data.train: image folder not found: {p}")
-        super().__init__(open_pairs(p, retry=True), str(p))
+        super().__init__(open_pairs(p, retry=True, skips=skips), str(p), p)
 
 
 class WebDatasetSource(Source):
@@ -237,7 +278,7 @@ class WebDatasetSource(Source):
         shuffle_buffer: int = 1000
         split: str = "epoch"
 
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, skips: SkipCounter | None = None) -> None:
         self.opts = opts
         self.pairs = DistributedWebDataset(
             opts.train,
@@ -247,6 +288,8 @@ class WebDatasetSource(Source):
             seed=opts.seed,
             caption_key=opts.caption_key,
         )
+        if skips is not None:
+            self.pairs.skips = skips
         self.skips = self.pairs.skips
 
     def captions(self) -> list[str]:
@@ -265,46 +308,71 @@ class WebDatasetSource(Source):
     def identity(self) -> str:
         return self.opts.train
 
+    def samples(self, start: int = 0) -> Iterator[Sample | Skipped]:
+        return shard_samples(self.pairs.urls, self.opts.caption_key, start)  # listed order, not shuffled
+
+    def fingerprint(self) -> dict[str, Any]:
+        return shards_fingerprint(self.opts.train, self.pairs.urls)
+
 
 class EmbeddingCacheSource(Source):
-    """A locked image tower's precomputed embeddings (`clipforge cache-embeddings`) paired with the captions
-    of the source they were made from: items {"image_embedding", "text"}; the image tower never runs."""
+    """A locked image tower's precomputed embeddings (`clipforge cache-embeddings`) with the captions stored
+    in the cache: items {"image_embedding", "text"}; the image tower never runs and the data files the
+    cache was made from are not read. `made_from`: the data the run names, checked against the cache's
+    record of its source (and giving the run its evaluation sets)."""
 
     kind = "embedding_cache"
 
-    def __init__(self, cache_dir: str | Path, made_from: Source) -> None:
+    def __init__(self, cache_dir: str | Path, made_from: Source | None = None) -> None:
         self.cache = EmbeddingCache(cache_dir)
         self.where, self.made_from = str(cache_dir), made_from
-        self.skips = made_from.skips
+        self._captions = self.cache.captions()
+
+    @classmethod
+    def open(cls, cache_dir: str | Path, kind: str, fields: dict[str, Any]) -> EmbeddingCacheSource:
+        """The cache of an experiment's data section: with `data.train`, or synthetic settings for a cache
+        of the synthetic set, that source is opened to check the cache against (no image is read);
+        with neither (the default data.kind and a cache of files) the cache stands alone."""
+        cache = EmbeddingCache(cache_dir)
+        made_kind = (cache.source or {}).get("kind")
+        if fields.get("train") or (kind == "synthetic" and made_kind == "synthetic"):
+            return cls(cache_dir, made_from=open_source(kind, fields))
+        return cls(cache_dir)
 
     def check(self, tower: torch.nn.Module, tower_name: str | None = None) -> None:
         """Refuse a cache made by another tower or from other data (CacheMismatchError: what differs)."""
         made = self.cache.index["fingerprint"]
         if made.get("weights") != weights_hash(tower):
             raise CacheMismatchError(
-                f"{self.where}: made by another image tower than model.image_tower={tower_name}; "
-                "rebuild it with `clipforge cache-embeddings --tower <that tower>`"
+                f"{self.where}: made by another image tower than model.image_tower={tower_name} (the "
+                "weights differ); rebuild it with `clipforge cache-embeddings --tower <that tower>`"
             )
-        data, recorded = self.made_from.identity(), made.get("preprocess", {}).get("data")
-        if recorded != data:
+        if self.made_from is None:
+            return
+        cached, current = self.cache.source or {}, self.made_from.fingerprint()
+        diffs = fingerprint_diff(cached, current)
+        if diffs:
             raise CacheMismatchError(
-                f"{self.where}: holds embeddings of {recorded!r} but the training set is {data!r}; "
-                f"rebuild it with `clipforge cache-embeddings` from that data"
+                f"{self.where}: made from {cached.get('kind')} {cached.get('path')!r} but the training "
+                f"data is {current['kind']} {current['path']!r}: {'; '.join(diffs)}; rebuild it with "
+                "`clipforge cache-embeddings` from that data, or leave data.train unset to train from "
+                "the cache alone"
             )
 
     def captions(self) -> list[str]:
-        return self.made_from.captions()
+        return [c for row in self._captions for c in row]
 
     def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:
-        return CachedPairs(
-            self.cache, tokenizer(self.captions(), context_length=context_length, truncate=True)
-        )
+        return CachedCaptionPairs(self.cache, self._captions, tokenizer, context_length)
 
     def eval_sets(self) -> dict[str, EvalSet]:
-        return self.made_from.eval_sets()
+        return self.made_from.eval_sets() if self.made_from is not None else {}
 
     def identity(self) -> str:
-        return f"{self.where} <- {self.made_from.identity()}"
+        return f"{self.where} <- {(self.cache.source or {}).get('path')}"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(self.cache.source or {})
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -326,8 +394,26 @@ def source_options(kind: str, fields: dict[str, Any]) -> Any:
     return opts_cls(**{k: v for k, v in fields.items() if k in names})
 
 
-def open_source(kind: str, fields: dict[str, Any]) -> Source:
-    return SOURCES[kind](source_options(kind, fields))  # type: ignore[call-arg]
+def open_source(kind: str, fields: dict[str, Any], skips: SkipCounter | None = None) -> Source:
+    """The Source of `kind` from the data section's fields; `skips` receives what listing drops."""
+    return SOURCES[kind](source_options(kind, fields), skips=skips)  # type: ignore[call-arg]
+
+
+def infer_kind(data: str) -> str:
+    """'synthetic'; shards (a .tar, a brace pattern, a `::` list, a folder holding only .tar files); an
+    image folder; else a manifest file."""
+    if data == "synthetic":
+        return "synthetic"
+    p = Path(data)
+    if p.is_dir():
+        files = [f for f in p.iterdir() if f.is_file()]
+        tars = [f for f in files if f.suffix == ".tar"]
+        return (
+            "webdataset" if tars and len(tars) == len([f for f in files if f.suffix != ".json"]) else "folder"
+        )
+    if data.endswith(".tar") or "{" in data or "::" in data:
+        return "webdataset"
+    return "manifest"
 
 
 def kinds() -> Sequence[str]:

@@ -5,11 +5,11 @@ The training side lives one layer up, in `clipforge.train`: the cached-embedding
 """
 
 from ..checkpoints.classifier import load_classifier, save_classifier
+from ..data.cache_writer import cache_embeddings
 from ..data.embedding_cache import (
     CachedPairs,
     CacheMismatchError,
     EmbeddingCache,
-    cache_embeddings,
     tower_fingerprint,
 )
 from ..models.classifier import ImageClassifier

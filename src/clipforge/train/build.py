@@ -191,10 +191,9 @@ def input_preprocess(exp: Experiment, ckpt_preprocess: Any, image_source: Any) -
 def open_data(exp: Experiment, image_size: int) -> Source:
     """The experiment's data Source (wrapped by its embedding cache when `data.embedding_cache` is set)."""
     fields = {**dataclasses.asdict(exp.data), "seed": exp.run.seed, "image_size": image_size}
-    source = open_source(exp.data.kind, fields)
-    if exp.data.embedding_cache:
-        source = EmbeddingCacheSource(exp.data.embedding_cache, made_from=source)
-    return source
+    if exp.data.embedding_cache:  # the cache holds embeddings and captions; data.train only checks it
+        return EmbeddingCacheSource.open(exp.data.embedding_cache, exp.data.kind, fields)
+    return open_source(exp.data.kind, fields)
 
 
 def build_tokenizer_and_model(
@@ -347,8 +346,6 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
             f"train.batch_size={exp.train.batch_size} (the global batch) does not split over "
             f"{dist_info.world_size} processes"
         )
-    if exp.data.embedding_cache and dist_info.distributed:
-        raise NotImplementedError("data.embedding_cache trains in one process only for now (no torchrun)")
     ckpt_model = ckpt_preprocess = ckpt_tok = None
     if exp.model.checkpoint:
         from ..checkpoints import load

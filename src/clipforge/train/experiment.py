@@ -72,7 +72,8 @@ class DataSpec:
     split: Literal["epoch", "resampled"] = "epoch"
     workers: int = 0  # DataLoader worker processes
     # LiT with an L image tower: precomputed embeddings (`clipforge cache-embeddings`, same tower and
-    # data); training reads them and never runs the image tower. Synthetic data only for now.
+    # data); training reads them and the captions stored with them, and never runs the image tower. Any
+    # data.kind: with data.train (or the synthetic settings) the cache is checked against that data.
     embedding_cache: str | None = None
 
 
@@ -189,14 +190,10 @@ class Experiment:
         if policy.text.pretrained and not m.text_tower:
             raise ValueError(f"model.lit={m.lit}: a pretrained ('{policy.text.mode}') text tower needs "
                              "model.text_tower (a checkpoint or a HF directory)")  # fmt: skip
-        if d.embedding_cache:
-            if not policy.image.locked or policy.image.unlocked_blocks:
-                raise ValueError(f"data.embedding_cache needs a fully locked image tower (model.lit=L?, "
-                                 f"image_unlocked_blocks=0), got lit={m.lit}, "
-                                 f"image_unlocked_blocks={m.image_unlocked_blocks}")  # fmt: skip
-            if d.kind != "synthetic":
-                raise ValueError(f"data.embedding_cache is supported with data.kind=synthetic only, "
-                                 f"not {d.kind!r}")  # fmt: skip
+        if d.embedding_cache and (not policy.image.locked or policy.image.unlocked_blocks):
+            raise ValueError(f"data.embedding_cache needs a fully locked image tower (model.lit=L?, "
+                             f"image_unlocked_blocks=0), got lit={m.lit}, "
+                             f"image_unlocked_blocks={m.image_unlocked_blocks}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ gradient accumulation, text trimming and the fp32 loss are the same as for CLIP.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -31,8 +32,21 @@ class _LiTForward(nn.Module):
         super().__init__()
         self.model, self.cached = model, cached
 
+    def no_sync(self):
+        """DDP: contrastive_step keeps the gradients of all but the last accumulation pass local."""
+        return self.model.no_sync() if hasattr(self.model, "no_sync") else nullcontext()
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask_ratio: float = 0.0) -> CLIPOutput:
         m = self.model
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            # DDP arms its gradient all-reduce inside its own forward, so this forward must run there:
+            # for the call, the adapter stands in for the wrapped CLIP (the same parameters).
+            inner = m.module
+            m.module = _LiTForward(inner, self.cached)
+            try:
+                return m(images, tokens, mask_ratio=mask_ratio)
+            finally:
+                m.module = inner
         img = images.float() if self.cached else m.encode_image(images, mask_ratio=mask_ratio)
         return CLIPOutput(
             image_features=F.normalize(img, dim=-1),
