@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-heavy lint format bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2
+
+test-heavy: setup
+	$(BIN)/python -m pytest -q -m heavy
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

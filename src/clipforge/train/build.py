@@ -275,6 +275,12 @@ def place_model(model: torch.nn.Module, exp: Experiment, dist_info: DistInfo):
     model = model.to(dist_info.device)
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if t.compile:
+        from ..models.compile import compile_towers
+
+        reason = compile_towers(model)
+        if reason is not None and dist_info.is_main:
+            print(f"train.compile: {reason}; training runs eagerly")
     if t.strategy == "fsdp" and dist_info.distributed:
         # FSDP2 replaces the parameters by sharded ones. A meta-device copy (no memory) receives the
         # gathered weights on rank 0 to export the trained model.

@@ -99,6 +99,7 @@ class TrainSpec:
     accum_steps: int = 1  # micro-batches per step; exact: the loss still sees the whole batch
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the towers (in place); eager with a message where unavailable
     mask_ratio: float = 0.0  # FLIP: share of image patches dropped while training
     unmasked_steps: int = 0  # FLIP's unmasked tuning: the last N steps run with mask_ratio 0
     loss: str = "clip"  # a key of clipforge.loss.OBJECTIVES ("clip", "siglip")

@@ -19,8 +19,8 @@ APPLIED = ("train.steps", "optim.")
 HARMLESS = (
     "run.output_dir", "run.log_every", "run.eval_every", "run.checkpoint_every", "run.keep_last",
     "run.tensorboard", "data.workers", "data.val", "data.val_labelled", "data.classnames", "data.templates",
-    "train.device", "train.precision", "train.grad_checkpointing", "train.accum_steps", "train.strategy",
-    "train.fsdp_unit", "train.max_nonfinite",
+    "train.device", "train.precision", "train.grad_checkpointing", "train.compile", "train.accum_steps",
+    "train.strategy", "train.fsdp_unit", "train.max_nonfinite",
 )  # fmt: skip
 
 
