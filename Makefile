@@ -4,9 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup browser demo test lint format bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# tests/test_serve_browser.py drives Debian's chromium through Playwright (Playwright's own browser
+# download is not reachable from CI); installed once, as root, when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
