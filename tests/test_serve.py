@@ -344,3 +344,21 @@ def test_service_refuses_an_index_of_another_model(built, tmp_path):
     other = tiny_checkpoint(tmp_path / "other", seed=1)
     with pytest.raises(ValueError, match="fingerprint"):
         make_service(other, built[1])
+
+
+def test_onnx_runtime_serves_the_same_index(built, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from clipforge.use.onnx_export import export_onnx
+
+    ckpt, emb, _ = built
+    export_onnx(ckpt, tmp_path / "onnx")
+    torch_service = make_service(ckpt, emb)
+    with TestClient(create_app(make_service(tmp_path / "onnx", emb))) as c:  # same fingerprint: accepted
+        assert c.get("/v1/health").json()["model"]["runtime"] == "onnx"
+        got = np.array(c.post("/v1/embed/text", json={"texts": ["a red picture"]}).json()["embeddings"])
+        hits = c.post("/v1/search", json={"text": "a red picture", "k": 3}).json()["results"]
+    want = torch_service.encoder.encode_texts(["a red picture"]).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    lib = Searcher(emb, encoder=torch_service.encoder)
+    assert [h["id"] for h in hits] == [h["id"] for h in lib.search(lib.query(text="a red picture"), k=3)[0]]
+    torch_service.close()
