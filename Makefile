@@ -4,9 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-heavy lint format bench clean
+.PHONY: setup browser demo test test-heavy lint format bench clean
 
 setup: $(STAMP)
+
+# tests/test_serve_browser.py drives Debian's chromium through Playwright (Playwright's own browser
+# download is not reachable from CI); installed once, as root, when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "note: chromium is not installed (needs root: apt-get install chromium); the browser test will say so"
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: setup
 	$(BIN)/clipforge demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q -n 2
 
 test-heavy: setup

@@ -58,6 +58,17 @@ def image_batches(
         yield batch["key"], feats, batch["skipped"]
 
 
+def label_probabilities(
+    encoder: Encoder, image_features: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """(N, C) probabilities of (N, D) unit image features over (C, D) unit label vectors: softmax of the
+    scaled cosines (CLIP), or independent sigmoids with the model's bias (SigLIP-style)."""
+    logits = encoder.logit_scale * image_features @ weights.T
+    if encoder.sigmoid:
+        return torch.sigmoid(logits + encoder.logit_bias)
+    return logits.softmax(dim=-1)
+
+
 class Classifier:
     def __init__(self, encoder: Encoder, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> None:
         self.encoder, self.labels = encoder, list(labels)
@@ -65,10 +76,7 @@ class Classifier:
 
     def probabilities(self, image_features: torch.Tensor) -> torch.Tensor:
         """(N, C) label probabilities of unit image features."""
-        logits = self.encoder.logit_scale * image_features @ self.weights.T
-        if self.encoder.sigmoid:
-            return torch.sigmoid(logits + self.encoder.logit_bias)
-        return logits.softmax(dim=-1)
+        return label_probabilities(self.encoder, image_features, self.weights)
 
     def classify(
         self, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 32, workers: int = 0

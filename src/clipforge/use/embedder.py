@@ -330,3 +330,35 @@ def _total_skips(manifest: dict[str, Any]) -> None:
         for reason, n in p["skipped"].items():
             totals[reason] = totals.get(reason, 0) + n
     manifest["skipped"] = totals
+
+
+def append_rows(
+    out: str | Path, rows: dict[str, list], feats: dict[str, np.ndarray], fingerprint: str
+) -> dict:
+    """Append rows embedded elsewhere (the server's add-while-serving) to a finished embedding directory
+    as one new part; `build_index` then adds that part alone. `rows` holds the metadata fields (key, path,
+    caption, width, height), `feats` one (rows, D) array per modality of the directory, made by the model
+    whose `fingerprint` the directory records. One writer at a time: the caller serialises calls.
+    Returns the manifest's entry for the new part (name, rows, first_id)."""
+    out = Path(out)
+    manifest = EmbeddingStore(out).manifest
+    if fingerprint != manifest["model"]["fingerprint"]:
+        raise ValueError(
+            f"{out} holds embeddings of another model (fingerprint {manifest['model']['fingerprint']}); "
+            f"these were made by {fingerprint}"
+        )
+    if sorted(feats) != sorted(manifest["modalities"]):
+        raise ValueError(
+            f"{out} holds {' and '.join(manifest['modalities'])} embeddings; got {sorted(feats)}"
+        )
+    state = _PartBuffer(manifest["modalities"])
+    for field in state.rows:
+        state.rows[field].extend(rows[field])
+    for modality, arr in feats.items():
+        if arr.shape != (len(rows["key"]), manifest["dim"]):
+            raise ValueError(
+                f"{modality} features of shape {arr.shape}; expected ({len(rows['key'])}, {manifest['dim']})"
+            )
+        state.feats[modality].append(np.asarray(arr).astype(manifest["dtype"]))
+    _flush(out, manifest, state)
+    return manifest["parts"][-1]
