@@ -78,3 +78,13 @@ def test_changes_that_make_another_run_are_refused(finished, change, named):
     assert named in str(e.value)
     recorded = yaml.safe_load((out / "experiment.yaml").read_text())
     assert recorded["train"]["steps"] == 4 and recorded["model"]["preset"] == "tiny-vit"  # untouched
+
+
+def test_settings_added_by_a_newer_version_do_not_block_a_resume():
+    from clipforge.train.resume import check_resume_config
+
+    saved = {"train": {"steps": 4}, "model": {"preset": "tiny-vit"}}
+    current = {"train": {"steps": 4, "compile": False}, "model": {"preset": "tiny-vit"}}
+    check_resume_config(saved, current)  # no error: train.compile did not exist when the run started
+    with pytest.raises(ResumeConfigError, match="model.preset"):
+        check_resume_config(saved, {**current, "model": {"preset": "tiny-rn"}})

@@ -39,9 +39,10 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (checkpoint value, this run's value)} for every setting that differs."""
+    """{dotted key: (checkpoint value, this run's value)} for every setting both know that differs (a field
+    added or removed by another clipforge version is not a change of the run)."""
     a, b = _flat(saved), _flat(current)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]}
 
 
 def _describe(key: str, old: Any, new: Any) -> str:
