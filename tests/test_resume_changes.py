@@ -86,5 +86,5 @@ def test_settings_added_by_a_newer_version_do_not_block_a_resume():
     saved = {"train": {"steps": 4}, "model": {"preset": "tiny-vit"}}
     current = {"train": {"steps": 4, "compile": False}, "model": {"preset": "tiny-vit"}}
     check_resume_config(saved, current)  # no error: train.compile did not exist when the run started
-    with pytest.raises(ResumeConfigError, match="model.preset"):
+    with pytest.raises(ResumeConfigError, match=r"model\.preset"):
         check_resume_config(saved, {**current, "model": {"preset": "tiny-rn"}})
