@@ -20,16 +20,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import get_config
 from ..data.sources import EmbeddingCacheSource, Source, StreamOptions, open_source
 from ..data.streams import SkipReport
 from ..eval.evaluators import evaluator_for, validation_evaluators
-from ..models import create_model
 from ..transforms import PreprocessConfig, eval_transform, train_transform
 from .dist import DistInfo, barrier, cleanup, init_distributed, is_main
 from .experiment import Experiment
 from .fsdp import is_fsdp, meta_copy, model_state_dict, shard_fsdp, wrap_ddp
 from .global_loss import DistributedLoss
+from .model_setup import (
+    build_tokenizer_and_model,
+    input_preprocess,
+    lit_image_source,
+    resolve_device,
+    tower_identity,
+)
 from .optim import build_optimizer, cosine_schedule
 from .resume import check_resume_config
 from .runlock import RunLock
@@ -38,123 +43,6 @@ from .step import make_step_fn
 from .trainer import Trainer, TrainResult
 
 __all__ = ["Built", "build_trainer", "export_model", "run_experiment"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but no CUDA GPU is visible here; use train.device=cpu or auto")
-    return device
-
-
-def build_tokenizer(
-    exp: Experiment,
-    captions: list[str] | Callable[[], list[str]] | None,
-    checkpoint_tokenizer: Any = None,
-    context_length: int | None = None,
-    resume: bool = False,
-):
-    """The experiment's tokenizer (see ModelSpec.tokenizer). A trained BPE is saved in
-    <output_dir>/tokenizer and, with `resume`, loaded from there instead of trained again."""
-    from ..tokenizer import Tokenizer, train_bpe
-
-    spec = exp.model
-    ctx = spec.context_length or context_length or get_config(spec.preset).text.context_length
-    kind = spec.tokenizer
-    if kind == "auto":
-        kind = "checkpoint" if spec.checkpoint else "openai"
-    if kind == "checkpoint":
-        if checkpoint_tokenizer is None:
-            raise ValueError(
-                f"model.checkpoint {spec.checkpoint} carries no tokenizer; set model.tokenizer to 'openai' "
-                "or a tokenizer directory"
-            )
-        return checkpoint_tokenizer
-    if kind == "openai":
-        return Tokenizer.from_openai_vocab(context_length=ctx)
-    if kind == "bpe":
-        saved = Path(exp.run.output_dir) / "tokenizer"
-        if resume and (saved / "vocab.json").is_file():
-            return Tokenizer.load(saved)
-        size = spec.vocab_size or get_config(spec.preset).text.vocab_size
-        # several processes: rank 0 trains and saves, the others load its files (BPE training is not
-        # guaranteed to break ties the same way in every process)
-        if is_main():
-            texts = captions() if callable(captions) else captions
-            if not texts:
-                raise ValueError("model.tokenizer=bpe: no training captions to learn the vocabulary from")
-            tok = train_bpe(
-                tqdm(texts, desc="training BPE", leave=False, disable=len(texts) < 50_000), size, ctx
-            )
-            from ..checkpoints.save import atomic_directory
-
-            with atomic_directory(saved) as tmp:  # a resume never finds half a vocabulary
-                tok.save(tmp)
-        barrier()
-        return tok if is_main() else Tokenizer.load(saved)
-    path = Path(kind)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model.tokenizer: no such tokenizer directory: {path} (or use 'auto', 'openai', 'bpe')"
-        )
-    tok = Tokenizer.load(path)
-    return tok
-
-
-def build_model(
-    exp: Experiment, tokenizer, checkpoint_model: torch.nn.Module | None = None
-) -> torch.nn.Module:
-    """A fresh model of the preset sized to the tokenizer, or the checkpoint's model (fine-tuning)."""
-    spec = exp.model
-    if checkpoint_model is not None:
-        text = checkpoint_model.config.text
-        if tokenizer.vocab_size > text.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} ids but {spec.checkpoint} embeds "
-                f"{text.vocab_size}; "
-                "use model.tokenizer=checkpoint (or a tokenizer of that vocabulary)"
-            )
-        return checkpoint_model.train()
-    cfg = get_config(spec.preset)
-    text = dataclasses.replace(
-        cfg.text,
-        vocab_size=tokenizer.vocab_size,
-        context_length=spec.context_length or cfg.text.context_length,
-    )
-    return create_model(cfg.replace(text=text))
-
-
-def lit_image_source(exp: Experiment):
-    """The pretrained image tower of a LiT experiment (loaded once: its preprocessing sizes the data)."""
-    if exp.model.lit is None or not exp.model.image_tower:
-        return None
-    from ..lit.build import load_image_tower
-
-    return load_image_tower(exp.model.image_tower)
-
-
-def build_lit(exp: Experiment, tokenizer, image_source) -> tuple[torch.nn.Module, Any]:
-    """(LiT model with the policy applied, tokenizer): `model.lit` and the tower sources."""
-    from ..lit.build import build_lit_model
-    from ..lit.locking import LiTPolicy
-
-    m = exp.model
-    policy = LiTPolicy.parse(m.lit, m.image_unlocked_blocks, m.text_unlocked_blocks)
-    model, tokenizer = build_lit_model(
-        policy,
-        preset=m.preset,
-        image=image_source,
-        text=m.text_tower,
-        tokenizer=tokenizer,
-        pooling=m.pooling,
-        context_length=m.context_length,
-    )
-    return model.train(), tokenizer
 
 
 @dataclass
@@ -178,50 +66,12 @@ class Built:
         return self.export_template
 
 
-def input_preprocess(exp: Experiment, ckpt_preprocess: Any, image_source: Any) -> PreprocessConfig:
-    """The model's input preprocessing: the LiT image tower's, else the checkpoint's, else the preset's."""
-    if image_source is not None:  # LiT: the data follows the pretrained image tower's preprocessing
-        keep = ("image_size", "mean", "std", "interpolation")
-        return PreprocessConfig.from_dict({k: v for k, v in image_source.preprocess.items() if k in keep})
-    if getattr(ckpt_preprocess, "config", None) is not None:
-        return ckpt_preprocess.config
-    return PreprocessConfig(get_config(exp.model.preset).vision.image_size)
-
-
 def open_data(exp: Experiment, image_size: int) -> Source:
     """The experiment's data Source (wrapped by its embedding cache when `data.embedding_cache` is set)."""
     fields = {**dataclasses.asdict(exp.data), "seed": exp.run.seed, "image_size": image_size}
     if exp.data.embedding_cache:  # the cache holds embeddings and captions; data.train only checks it
         return EmbeddingCacheSource.open(exp.data.embedding_cache, exp.data.kind, fields)
     return open_source(exp.data.kind, fields)
-
-
-def build_tokenizer_and_model(
-    exp: Experiment, source: Source, ckpt: tuple[Any, Any], image_source: Any, resume: bool
-) -> tuple[Any, torch.nn.Module]:
-    """(tokenizer, model): a CLIP from the preset or the starting checkpoint, or a LiT model whose text
-    tower brings its own tokenizer (a scratch one uses model.tokenizer)."""
-    ckpt_model, ckpt_tok = ckpt
-    ctx = (ckpt_model.config if ckpt_model is not None else get_config(exp.model.preset)).text.context_length
-    if exp.model.lit is None:
-        tokenizer = build_tokenizer(exp, source.captions, ckpt_tok, ctx, resume)
-        return tokenizer, build_model(exp, tokenizer, ckpt_model)
-    tokenizer = None if exp.model.text_tower else build_tokenizer(exp, source.captions, None, ctx, resume)
-    model, tokenizer = build_lit(exp, tokenizer, image_source)
-    if is_main():
-        print(f"LiT {exp.model.lit}: {lit_summary(model)}")
-    return tokenizer, model
-
-
-def lit_summary(model: torch.nn.Module) -> str:
-    """'image tower 0 of 5,210,624 parameters trainable (locked); text tower ...' for the log."""
-    parts = []
-    for label, tower in (("image tower", model.visual), ("text tower", model.text)):
-        total = sum(p.numel() for p in tower.parameters())
-        trainable = sum(p.numel() for p in tower.parameters() if p.requires_grad)
-        state = "locked" if trainable == 0 else "unlocked" if trainable == total else "partly locked"
-        parts.append(f"{label} {trainable:,} of {total:,} parameters trainable ({state})")
-    return "; ".join(parts)
 
 
 def data_stream(
@@ -319,20 +169,6 @@ def build_step(exp: Experiment, cached: bool):
         mask_ratio=t.mask_ratio,
         unmasked_from_step=t.steps - t.unmasked_steps if t.unmasked_steps else None,
     )
-
-
-def tower_identity(exp: Experiment, model: torch.nn.Module) -> dict[str, str]:
-    """Weights hashes of the pretrained towers a LiT run starts from, taken before training: a resume whose
-    model.image_tower / text_tower now holds other weights is refused (the checkpoint would silently keep
-    the old ones)."""
-    from ..data.embedding_cache import weights_hash
-
-    out = {}
-    if exp.model.lit is not None:
-        for key, tower in (("image_tower", model.visual), ("text_tower", model.text)):
-            if getattr(exp.model, key):
-                out[key] = weights_hash(tower)
-    return out
 
 
 def _scalars(m) -> dict[str, float]:
