@@ -19,7 +19,7 @@ from clipforge.cli import main
 from clipforge.config import VisionConfig
 from clipforge.data.embedding_cache import CacheMismatchError, EmbeddingCache
 from clipforge.data.pairs import read_folder
-from clipforge.data.wds import write_shards
+from clipforge.data.shard_writer import write_shards
 from clipforge.lit import ImageClassifier, load_classifier, load_image_tower, save_classifier
 from clipforge.models.vision import VisionTransformer
 from clipforge.tokenizer import train_bpe

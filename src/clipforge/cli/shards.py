@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..data.pairs import read_folder, read_manifest
+from ..data.shard_writer import write_shards
 from ..data.skips import SkipCounter
-from ..data.wds import write_shards
 
 
 def register(sub: argparse._SubParsersAction) -> None:

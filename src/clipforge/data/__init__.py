@@ -16,6 +16,7 @@ from .pairs import (
     read_folder,
     read_manifest,
 )
+from .shard_writer import parse_size, write_shards
 from .skips import REASONS, SkipCounter, Skipped
 from .synthetic import (
     COLOURS,
@@ -34,7 +35,7 @@ from .synthetic import (
     seen_combos,
     split_combos,
 )
-from .wds import WebDatasetPairs, parse_size, write_shards
+from .wds import WebDatasetPairs
 
 __all__ = [
     "COLOURS",
