@@ -408,14 +408,15 @@ class FastTrainTransform(TrainTransform):
 
     def __call__(self, image: EncodedImage | Image.Image) -> torch.Tensor:
         if isinstance(image, EncodedImage):
-            img = self._decode(image)
+            img, box = self.decode(image)
         else:
             img = _prepare(image)
-            img = img.resize((self.image_size,) * 2, self._resample, box=self.box(*img.size))
-        arr = np.array(to_rgb(img), dtype=np.uint8)  # (S, S, 3), one copy out of PIL
-        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, S, S) view; the batch's stack copies once
+            box = self.box(*img.size)
+        return self.to_uint8(self.crop_resize(img, box))
 
-    def _decode(self, enc: EncodedImage) -> Image.Image:
+    # The three stages, separately callable so benchmarks/input_pipeline.py times the code that runs.
+    def decode(self, enc: EncodedImage) -> tuple[Image.Image, tuple[float, float, float, float]]:
+        """(upright image decoded at the scale the crop allows, the crop box in its pixels)."""
         n = self.image_size
         with open_image(io.BytesIO(enc.data), name=enc.name) as img:
             try:
@@ -430,11 +431,19 @@ class FastTrainTransform(TrainTransform):
                         img.draft(img.mode, (w // k, h // k))
                 img.load()
                 up = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img  # (no copy)
-                rx, ry = up.size[0] / uw, up.size[1] / uh  # the decoded scale (1/k, up to rounding)
-                box = (box[0] * rx, box[1] * ry, box[2] * rx, box[3] * ry)
-                return _prepare(up).resize((n, n), self._resample, box=box)
             except Exception as e:
                 raise ImageLoadError(f"cannot decode image file {enc.name}: {type(e).__name__}: {e}") from e
+        rx, ry = up.size[0] / uw, up.size[1] / uh  # the decoded scale (1/k, up to rounding)
+        return _prepare(up), (box[0] * rx, box[1] * ry, box[2] * rx, box[3] * ry)
+
+    def crop_resize(self, img: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+        """The crop box resized to S x S (bicubic by default): only the box's pixels are computed."""
+        return img.resize((self.image_size,) * 2, self._resample, box=box)
+
+    @staticmethod
+    def to_uint8(img: Image.Image) -> torch.Tensor:
+        arr = np.array(to_rgb(img), dtype=np.uint8)  # (S, S, 3), one copy out of PIL
+        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, S, S) view; the batch's stack copies once
 
     def __repr__(self) -> str:
         return (
