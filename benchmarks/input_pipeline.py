@@ -72,10 +72,14 @@ STAGES = ("read", "decode", "resize", "crop", "to_tensor", "normalise", "collate
 
 
 # ------------------------------------------------------------------------------------------ shards
-def write_photo_shards(out: Path, n: int, per_shard: int = 64, seed: int = 0) -> list[str]:
-    """n photo-like JPEGs of 400-800 px a side in shards of `per_shard` (kept when already there)."""
+def write_photo_shards(
+    out: Path, n: int, per_shard: int = 64, seed: int = 0, distinct: int | None = None
+) -> list[str]:
+    """n photo-like JPEGs of 400-800 px a side in shards of `per_shard` (kept when already there); with
+    `distinct`, that many different photos repeated (the same decode cost, less time making them)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    made: dict[int, tuple[bytes, int, int]] = {}
     urls = []
     for s in range(math.ceil(n / per_shard)):
         path = out / f"{s:06d}.tar"
@@ -85,11 +89,16 @@ def write_photo_shards(out: Path, n: int, per_shard: int = 64, seed: int = 0) ->
         tmp = path.with_suffix(".tmp")
         with tarfile.open(tmp, "w") as tar:
             for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
-                w, h = int(rng.integers(400, 801)), int(rng.integers(400, 801))
-                buf = io.BytesIO()
-                photo_like(w, h, seed=seed * 1_000_003 + i).save(buf, "JPEG", quality=90)
+                j = i % distinct if distinct else i
+                if j not in made:
+                    w, h = int(rng.integers(400, 801)), int(rng.integers(400, 801))
+                    buf = io.BytesIO()
+                    photo_like(w, h, seed=seed * 1_000_003 + j).save(buf, "JPEG", quality=90)
+                    made = made if distinct else {}
+                    made[j] = buf.getvalue(), w, h
+                jpeg, w, h = made[j]
                 caption = f"a photo number {i} of {w} by {h} pixels".encode()
-                for name, data in ((f"{i:09d}.jpg", buf.getvalue()), (f"{i:09d}.txt", caption)):
+                for name, data in ((f"{i:09d}.jpg", jpeg), (f"{i:09d}.txt", caption)):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

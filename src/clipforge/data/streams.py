@@ -151,7 +151,13 @@ class IterableBatchStream:
     consumed, and a resume skips that many (the stream's own order must be deterministic from its seed)."""
 
     def __init__(
-        self, dataset: IterableDataset, batch_size: int, *, workers: int = 0, collate_fn=None
+        self,
+        dataset: IterableDataset,
+        batch_size: int,
+        *,
+        workers: int = 0,
+        collate_fn=None,
+        pin_memory: bool = False,
     ) -> None:
         self.dataset, self.batch_size, self.workers, self.collate_fn = (
             dataset,
@@ -159,6 +165,7 @@ class IterableBatchStream:
             workers,
             collate_fn,
         )
+        self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to the GPU
         self.epoch, self.index = 0, 0
         self.on_epoch_end: Callable[[int], None] | None = None  # called after an epoch's last batch
 
@@ -178,6 +185,7 @@ class IterableBatchStream:
                 batch_size=self.batch_size,
                 num_workers=self.workers,
                 collate_fn=self.collate_fn,
+                pin_memory=self.pin_memory,
                 drop_last=True,
                 # a private generator: creating the loader must not consume the global RNG (resume)
                 generator=torch.Generator().manual_seed(self.epoch),
