@@ -159,3 +159,28 @@ def test_shard_stream_with_fast_transform(photos, tmp_path):
         mad, psnr = _diff(a, b)
         assert mad <= TOLERANCE[64][0] and psnr >= TOLERANCE[64][1]
     assert skips.counts().get("corrupt_image") == 1
+
+
+def test_trainer_with_fast_decode_trains_on_uint8_batches(photos, tmp_path):
+    """data.fast_decode=true end to end: build_trainer picks the fast transform, the stream gives uint8
+    batches and the step normalises them with the model's preprocessing (build.py's pixel_norm)."""
+    from clipforge.data import write_shards
+    from clipforge.data.pairs import PairRecord
+    from clipforge.train.build import build_trainer
+    from clipforge.train.experiment import load_experiment
+
+    files = []
+    for i, data in enumerate(photos[:4] * 2):
+        (tmp_path / f"{i}.jpg").write_bytes(data)
+        files.append(PairRecord(tmp_path / f"{i}.jpg", (f"photo {i}",)))
+    write_shards(files, tmp_path / "shards", verify=False, progress=False)
+    overrides = [
+        "model.preset=tiny-vit", "data.kind=webdataset", f"data.train={tmp_path / 'shards'}",
+        "data.fast_decode=true", "data.shuffle_buffer=4", "train.batch_size=4", "train.steps=2",
+        "train.device=cpu", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+    ]  # fmt: skip
+    built = build_trainer(load_experiment(None, overrides), progress=False)
+    batch = next(iter(built.data))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, 32, 32)
+    loss, applied = built.trainer.train_step(batch)
+    assert applied and np.isfinite(loss)
