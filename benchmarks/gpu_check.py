@@ -16,7 +16,8 @@ Sections (each a table; checks marked ok/FAIL; exit status 1 when a check fails)
   builds it) in the same run. MFU = FLOPs per step (FlopCounterMode, eager) / step time / the measured
   bf16 matmul peak of this GPU (8192^3); `tflops` is the achieved rate, to compare with the spec sheet.
 - ddp: a world-size-1 NCCL process group: DDP + the gathered (global) loss against the plain step on
-  a copy of the model: the same loss and gradients (max |diff| <= 1e-6 relative).
+  a copy of the model: the same loss and gradients (max |diff| relative <= 1e-5 on the GPU, whose
+  attention backward accumulates with atomics; 1e-6 on the CPU).
 - input: the training input pipeline feeding the GPU: WebDataset shards of photo-like 400-800 px
   JPEGs (benchmarks/input_pipeline.py writes them), clipforge's stream at 224 px (RandomResizedCrop) with
   N DataLoader workers, batches copied to the GPU (pinned, non-blocking) and normalised there (fast
@@ -110,10 +111,19 @@ def _compare(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
 
 
 def parity(plan: Plan) -> list[dict[str, Any]]:
+
+    # fp32 means fp32 here (cuDNN's convolutions default to TF32); restored for the later sections
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _parity(plan)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _parity(plan: Plan) -> list[dict[str, Any]]:
     from clipforge import create_model
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (cuDNN's convs default to TF32)
-    torch.backends.cudnn.allow_tf32 = False
     rows = []
     for name in plan.parity_models:
         torch.manual_seed(0)
@@ -237,9 +247,10 @@ def ddp(plan: Plan) -> list[dict[str, Any]]:
             row = {"model": name, "backend": backend, "world": dist.get_world_size(), "loss": a.loss,
                    "ddp_loss": b.loss, "max_grad_rel_diff": max(diffs),
                    "params_compared": len(diffs)}  # fmt: skip
-            row["check"] = (
-                "ok" if abs(a.loss - b.loss) <= 1e-6 * abs(a.loss) and max(diffs) <= 1e-6 else "FAIL"
-            )
+            # float rounding only: the GPU's memory-efficient attention backward accumulates with atomics
+            tol = 1e-5 if plan.device == "cuda" else 1e-6
+            row["check"] = "ok" if abs(a.loss - b.loss) <= tol * abs(a.loss) and max(diffs) <= tol else "FAIL"
+            row["tolerance"] = f"rel<={tol:g}"
         finally:
             dist.destroy_process_group()
     return [row]
@@ -254,7 +265,8 @@ def input_feed(plan: Plan, train_rows: list[dict[str, Any]]) -> list[dict[str, A
 
     try:
         tokenizer: Callable = Tokenizer.from_openai_vocab()
-    except FileNotFoundError:  # no packaged vocabulary offline: captions cost nothing then (said below)
+    except FileNotFoundError:  # no packaged vocabulary offline: captions cost nothing then
+        print("input: OpenAI's BPE vocabulary not found; captions are not tokenised in this section")
         tokenizer = lambda texts, context_length=77, truncate=True: torch.zeros(  # noqa: E731
             len(texts), context_length, dtype=torch.long
         )
@@ -325,15 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for section in args.only:
         t0 = time.perf_counter()
-        if section == "input":
-            rows = input_feed(plan, result.get("train", []))
-        else:
-            rows = {"parity": parity, "train": train, "ddp": ddp}[section](plan)
+        try:
+            if section == "input":
+                rows = input_feed(plan, result.get("train", []))
+            else:
+                rows = {"parity": parity, "train": train, "ddp": ddp}[section](plan)
+        # a section that cannot run (a missing package, no NCCL) is reported as a failure, not fatal
+        except Exception as e:
+            rows = [{"section": section, "check": f"FAIL: {type(e).__name__}: {str(e)[:200]}"}]
         result[section] = rows
         print(f"\n== {section} ({time.perf_counter() - t0:.0f} s)")
         print(format_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
         failed += [
-            f"{section}: {r.get('row') or r.get('model')}"
+            f"{section}: {r.get('row') or r.get('model') or r['check']}"
             for r in rows
             if str(r.get("check", "")).startswith("FAIL")
         ]
