@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_timing_args, format_table, matmul_peak, time_call, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# (label, preset, implementation, precision, mask ratio, full-context captions)
+# (label, preset, implementation, precision, mask ratio, full-context captions[, compiled])
 ROWS = [
     ("tiny-vit", "tiny-vit", "clipforge", "fp32", 0.0, False),
     ("demo-vit", "demo-vit", "clipforge", "fp32", 0.0, False),
@@ -63,6 +63,9 @@ ROWS = [
     ("small-vit FLIP 0.5", "small-vit", "clipforge", "fp32", 0.5, False),
     ("baseline-small-vit", "small-vit", "openai", "fp32", 0.0, False),
     ("baseline-small-vit", "small-vit", "openai", "bf16", 0.0, False),
+    # train.compile=true: the towers through torch.compile (--compile-backend), timed after warm-up
+    ("small-vit compiled", "small-vit", "clipforge", "fp32", 0.0, False, True),
+    ("small-vit compiled", "small-vit", "clipforge", "bf16", 0.0, False, True),
 ]
 GPU_ROWS = [
     ("ViT-B-32", "ViT-B-32", "clipforge", "bf16", 0.0, False),
@@ -174,6 +177,7 @@ def one_row(spec: dict[str, Any], args) -> dict[str, Any]:
         after_step = type(model).clamp_logit_scale
         step_fn = make_step_fn("clip", mask_ratio=spec["mask"])
     model = model.to(device)
+    compiled = bool(spec.get("compile"))
     trainer = Trainer(
         model,
         step_fn,
@@ -191,7 +195,19 @@ def one_row(spec: dict[str, Any], args) -> dict[str, Any]:
     batch = make_batch(cfg, args.batch, args.caption_tokens, spec["full_ctx"], device)
     text_positions = int(batch["text"].argmax(-1).max()) + 1 if spec["impl"] == "clipforge" else None
 
-    flops = count_step_flops(lambda: trainer.train_step(batch))
+    flops = count_step_flops(
+        lambda: trainer.train_step(batch)
+    )  # eager: the compiled step does the same maths
+    if compiled:
+        from clipforge.models.compile import compile_towers
+
+        reason = compile_towers(model, backend=args.compile_backend)
+        if reason is not None:
+            raise RuntimeError(f"cannot compile here: {reason}")
+        t0 = time.perf_counter()
+        trainer.train_step(batch)  # compilation happens in the first steps, not in the timed ones
+        trainer.train_step(batch)
+        compile_s = time.perf_counter() - t0
     clock = time.thread_time if args.cpu_time else time.perf_counter
 
     def step() -> None:
@@ -220,7 +236,10 @@ def one_row(spec: dict[str, Any], args) -> dict[str, Any]:
         "samples_per_s_best": args.batch / t["best_s"],
         "gflop_step": flops / 1e9,
         "repeats": t["repeats"],
+        "compiled": args.compile_backend if compiled else "",
     }
+    if compiled:
+        row["compile_s"] = compile_s
     if device == "cuda":
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -233,6 +252,7 @@ def run_row(spec: dict[str, Any], args) -> dict[str, Any] | None:
     cmd += ["--batch", str(args.batch), "--caption-tokens", str(args.caption_tokens)]
     cmd += ["--warmup", str(args.warmup), "--min-repeats", str(args.min_repeats)]
     cmd += ["--min-seconds", str(args.min_seconds)] + (["--cpu-time"] if args.cpu_time else [])
+    cmd += ["--compile-backend", args.compile_backend]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         tqdm.write(f"{spec['label']} {spec['precision']} failed:\n{out.stderr[-3000:]}")
@@ -247,8 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-tokens", type=int, default=20, help="longest caption, SOT and EOT included")
     add_timing_args(p, min_repeats=5, min_seconds=5.0)
     p.add_argument("--out", default="train_throughput.json", help="relative names go to benchmarks/results/")
+    p.add_argument(
+        "--compile-backend", default="inductor",
+        help="torch.compile backend of the compiled rows (aot_eager: no code generation, a quick check)",
+    )  # fmt: skip
+    p.add_argument(
+        "--quick", action="store_true",
+        help="a check that every row runs: demo-vit for small-vit, batch 8, one timed step (no figures)",
+    )  # fmt: skip
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row's spec as JSON
     args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.warmup, args.min_repeats, args.min_seconds = 8, 1, 1, 0.0
     if args.cpu_time and args.threads != 1:
         p.error("--cpu-time measures one thread's CPU time; use it with --threads 1")
     torch.set_num_threads(args.threads)
@@ -263,14 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     specs = [
         {"label": s[0], "preset": s[1], "impl": s[2], "precision": s[3], "mask": s[4], "full_ctx": s[5],
-         "device": s[6], "threads": args.threads}
+         "compile": len(s) > 7 and s[6], "device": s[-1], "threads": args.threads}
         for s in specs
         if not args.only or any(s[0].startswith(o) for o in args.only)
     ]  # fmt: skip
-    peaks = {k: matmul_peak(d, clock=clock) for k, d in DTYPES.items()}
+    if args.quick:  # small-vit's shape at demo size (64-wide heads, as the OpenAI baseline needs)
+        specs = [{**s, "preset": "demo-vit" if s["preset"] == "small-vit" else s["preset"]} for s in specs]
+    peak_seconds = 0.2 if args.quick else 2.0
+    peaks = {k: matmul_peak(d, clock=clock, min_seconds=peak_seconds) for k, d in DTYPES.items()}
     rows = [r for s in tqdm(specs, desc="train_throughput", unit="row") if (r := run_row(s, args))]
     # The machine may have been busier at the start: keep the best peak seen.
-    peaks = {k: max(peaks[k], matmul_peak(d, clock=clock)) for k, d in DTYPES.items()}
+    peaks = {
+        k: max(peaks[k], matmul_peak(d, clock=clock, min_seconds=peak_seconds)) for k, d in DTYPES.items()
+    }
 
     base_flops = {r["precision"]: r["gflop_step"] for r in rows if r["impl"] == "openai"}
     base_speed = {r["precision"]: r["samples_per_s_best"] for r in rows if r["impl"] == "openai"}
@@ -293,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = [
         "row",
         "precision",
+        "compiled",
         "mask",
         "text_pos",
         "params_m",

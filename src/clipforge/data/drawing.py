@@ -205,3 +205,20 @@ def render_objects(
     elif shift == "blur":
         img = img.filter(ImageFilter.GaussianBlur(radius=S / 40))
     return img
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image for tests and benchmarks of the image pipeline (JPEG size and decode cost
+    of a real photo): smooth colour regions, a few sharp-edged objects, fine texture and sensor noise."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 256, (height // 48 + 2, width // 48 + 2, 3), dtype=np.uint8)
+    img = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(20, width // 2)), y0 + int(rng.integers(20, height // 2))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    arr = np.asarray(img, dtype=np.float32)
+    arr += rng.normal(0.0, 5.0, (height, width, 1)) + rng.normal(0.0, 2.0, (height, width, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))

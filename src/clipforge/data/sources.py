@@ -303,7 +303,9 @@ class WebDatasetSource(Source):
         """Each rank reads batch_size / world_size pairs from its own shards."""
         if self.opts.split == "epoch":  # a rank without shards would hang the job: stop every rank now
             check_shard_split(len(self.pairs.urls), opts.world_size)
-        return IterableBatchStream(data, opts.batch_size // opts.world_size, workers=opts.workers)
+        return IterableBatchStream(
+            data, opts.batch_size // opts.world_size, workers=opts.workers, pin_memory=opts.pin_memory
+        )
 
     def identity(self) -> str:
         return self.opts.train

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ..transforms import ImageLoadError
 from .seeding import forked_rng
 from .skips import SkipCounter
 
@@ -150,7 +151,13 @@ class IterableBatchStream:
     consumed, and a resume skips that many (the stream's own order must be deterministic from its seed)."""
 
     def __init__(
-        self, dataset: IterableDataset, batch_size: int, *, workers: int = 0, collate_fn=None
+        self,
+        dataset: IterableDataset,
+        batch_size: int,
+        *,
+        workers: int = 0,
+        collate_fn=None,
+        pin_memory: bool = False,
     ) -> None:
         self.dataset, self.batch_size, self.workers, self.collate_fn = (
             dataset,
@@ -158,6 +165,7 @@ class IterableBatchStream:
             workers,
             collate_fn,
         )
+        self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to the GPU
         self.epoch, self.index = 0, 0
         self.on_epoch_end: Callable[[int], None] | None = None  # called after an epoch's last batch
 
@@ -177,6 +185,7 @@ class IterableBatchStream:
                 batch_size=self.batch_size,
                 num_workers=self.workers,
                 collate_fn=self.collate_fn,
+                pin_memory=self.pin_memory,
                 drop_last=True,
                 # a private generator: creating the loader must not consume the global RNG (resume)
                 generator=torch.Generator().manual_seed(self.epoch),
@@ -227,6 +236,11 @@ class SeededTransformStream(IterableDataset):
     def __init__(self, pairs: IterableDataset, transform: Callable, seed: int) -> None:
         self.pairs, self.transform, self.seed, self.epoch = pairs, transform, seed, 0
         self.skips = pairs.skips
+        # a transform that decodes (FastTrainTransform) gets the image bytes; a corrupt image then fails
+        # in the transform and is counted here instead of in the reader
+        self.decodes = bool(getattr(transform, "accepts_encoded", False)) and hasattr(pairs, "lazy_images")
+        if self.decodes:
+            pairs.lazy_images = True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -235,9 +249,17 @@ class SeededTransformStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        for n, item in enumerate(self.pairs):
+        n = 0  # position among delivered items: a corrupt image moves no later sample's crop
+        for item in self.pairs:
             with forked_rng(_seed_for(self.seed, self.epoch, (worker << 40) + n)):
-                image = self.transform(item["image"])
+                try:
+                    image = self.transform(item["image"])
+                except ImageLoadError as e:
+                    if not self.decodes:
+                        raise
+                    self.skips.record("corrupt_image", str(e)[:160])
+                    continue
+            n += 1
             yield {"image": image, "text": item["text"]}
 
 

@@ -30,7 +30,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 from webdataset.utils import pytorch_worker_info
 
-from ..transforms import ImageLoadError, load_image
+from ..transforms import EncodedImage, ImageLoadError, load_image
 from .pairs import encode_text
 from .skips import SkipCounter, Skipped
 
@@ -173,9 +173,10 @@ def image_member(sample: dict[str, Any]) -> str | None:
 
 
 def decode_sample(
-    sample: dict[str, Any], caption_key: str = "caption"
-) -> tuple[Image.Image, list[str]] | Skipped:
-    """(RGB image, captions) of a raw WebDataset sample, or Skipped naming why not."""
+    sample: dict[str, Any], caption_key: str = "caption", lazy: bool = False
+) -> tuple[Image.Image | EncodedImage, list[str]] | Skipped:
+    """(RGB image, captions) of a raw WebDataset sample, or Skipped naming why not. With `lazy` the image
+    stays encoded (an EncodedImage for a transform that decodes it itself, e.g. at reduced scale)."""
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     ext = image_member(sample)
     if ext is None:
@@ -183,6 +184,8 @@ def decode_sample(
     captions = sample_captions(sample, caption_key)
     if isinstance(captions, Skipped):
         return captions
+    if lazy:
+        return EncodedImage(sample[ext], f"{where}.{ext}"), captions
     try:
         image = load_image(io.BytesIO(sample[ext]), name=f"{where}.{ext}")
     except (ImageLoadError, OSError, ValueError) as e:
@@ -226,6 +229,9 @@ class WebDatasetPairs(IterableDataset):
         self.shuffle_buffer, self.shuffle_shards, self.seed = shuffle_buffer, shuffle_shards, seed
         self.caption_key, self.split_by_node, self.epoch = caption_key, split_by_node, 0
         self.skips = SkipCounter(self.source)
+        # items carry EncodedImage bytes for a transform that decodes them (FastTrainTransform; set by
+        # SeededTransformStream), so a JPEG can be decoded at the scale its crop needs
+        self.lazy_images = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -270,7 +276,7 @@ class WebDatasetPairs(IterableDataset):
         shards, rng = self._my_shards()
         produced = 0
         for sample in self._raw(shards, rng):
-            got = decode_sample(sample, self.caption_key)
+            got = decode_sample(sample, self.caption_key, lazy=self.lazy_images)
             if isinstance(got, Skipped):
                 self.skips.record(got.reason, got.detail)
                 continue

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..data.sources import EmbeddingCacheSource, Source, StreamOptions, open_source
 from ..data.streams import SkipReport
 from ..eval.evaluators import evaluator_for, validation_evaluators
-from ..transforms import PreprocessConfig, eval_transform, train_transform
+from ..transforms import PreprocessConfig, eval_transform, fast_train_transform, train_transform
 from .dist import DistInfo, barrier, cleanup, init_distributed, is_main
 from .experiment import Experiment
 from .fsdp import is_fsdp, meta_copy, model_state_dict, shard_fsdp, wrap_ddp
@@ -153,7 +153,7 @@ def build_optim(model: torch.nn.Module, exp: Experiment):
     return optimizer, scheduler
 
 
-def build_step(exp: Experiment, cached: bool):
+def build_step(exp: Experiment, cached: bool, pixel_norm=None):
     """The step function: the objective (global over ranks), exact accumulation, FLIP masking; batches of
     {"image_embedding", "text"} when training from an embedding cache (the image tower never runs)."""
     t = exp.train
@@ -168,6 +168,7 @@ def build_step(exp: Experiment, cached: bool):
         accum_steps=t.accum_steps,
         mask_ratio=t.mask_ratio,
         unmasked_from_step=t.steps - t.unmasked_steps if t.unmasked_steps else None,
+        **({"pixel_norm": pixel_norm} if pixel_norm is not None else {}),  # for uint8 batches (fast_decode)
     )
 
 
@@ -203,6 +204,8 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
         source.check(model.visual, exp.model.image_tower)
     if exp.data.augment == "none":
         transform = eval_transform(preprocess)
+    elif exp.data.fast_decode:  # uint8 crops, normalised on the device by the step (pixel_norm)
+        transform = fast_train_transform(preprocess, mode=exp.data.augment)
     else:
         transform = train_transform(preprocess, mode=exp.data.augment)
     dataset = source.dataset(transform, tokenizer, model.config.text.context_length)
@@ -216,7 +219,9 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     r, t = exp.run, exp.train
     trainer = Trainer(
         model,
-        build_step(exp, cached=isinstance(source, EmbeddingCacheSource)),
+        build_step(
+            exp, cached=isinstance(source, EmbeddingCacheSource), pixel_norm=(preprocess.mean, preprocess.std)
+        ),
         optimizer,
         scheduler,
         data,

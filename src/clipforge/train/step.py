@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..loss import LossFn, get_loss, get_objective
+from ..transforms import OPENAI_MEAN, OPENAI_STD, normalise_uint8
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -97,8 +98,13 @@ def contrastive_step(
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
+    pixel_norm: tuple[Sequence[float], Sequence[float]] = (OPENAI_MEAN, OPENAI_STD),
 ) -> StepResult:
     """Forward and backward of one contrastive batch; gradients are added to the parameters' .grad.
+
+    images: float (B, 3, S, S) ready for the model, or uint8 (the fast training path's batches), which
+    are normalised here on the model's device with `pixel_norm` = (mean, std): 4x fewer bytes cross to
+    the device and the division runs there.
 
     model(images, texts, mask_ratio=...) must return a CLIPOutput (normalised features, exp'd logit_scale,
     logit_bias or None). loss_fn(image_features, text_features, logit_scale, logit_bias) -> scalar, or a
@@ -120,6 +126,8 @@ def contrastive_step(
     device = next(model.parameters()).device
     texts = trim_tokens(texts)
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalise_uint8(images, *pixel_norm)
     texts = texts.to(device, non_blocking=True)
     img_chunks, txt_chunks = images.tensor_split(accum_steps), texts.tensor_split(accum_steps)
     sizes = [len(c) for c in img_chunks]
@@ -199,12 +207,14 @@ def make_step_fn(
     accum_steps: int = 1,
     mask_ratio: float = 0.0,
     unmasked_from_step: int | None = None,
+    pixel_norm: tuple[Sequence[float], Sequence[float]] = (OPENAI_MEAN, OPENAI_STD),
 ) -> Callable[..., torch.Tensor]:
     """The trainer's `step_fn(model, batch, step=..., backward=...) -> loss` for contrastive pairs.
 
     batch is a mapping {"image": (B, 3, S, S), "text": (B, T)} or a pair (images, texts). From step
     `unmasked_from_step` on, masking is switched off (FLIP's short unmasked tuning at the end of a run).
     Precision is the trainer's: it wraps the call in torch.autocast and passes its scaling `backward`.
+    uint8 images are normalised on the device with `pixel_norm` (the model's preprocessing mean, std).
     """
     loss_fn = get_loss(loss, lam=lam) if isinstance(loss, str) else loss
 
@@ -224,6 +234,7 @@ def make_step_fn(
             accum_steps=accum_steps,
             mask_ratio=mask_ratio if masked else 0.0,
             backward=backward,
+            pixel_norm=pixel_norm,
         )
         return torch.tensor(result.loss)
 
