@@ -35,8 +35,11 @@ def compile_towers(model: nn.Module, backend: str = "inductor", mode: str | None
     reason = compile_unavailable(backend)
     if reason is not None:
         return reason
-    for name in ("visual", "text"):
+    # The image batch has one shape; text batches are cut at their longest caption, so their length
+    # varies: dynamic=None lets dynamo mark it dynamic after the first recompile instead of compiling
+    # once per length (up to its recompile limit). (Finding the cut, int(eot.max()), is a graph break.)
+    for name, dynamic in (("visual", False), ("text", None)):
         tower = getattr(model, name, None)
         if tower is not None:
-            tower.compile(backend=backend, mode=mode, dynamic=False)
+            tower.compile(backend=backend, mode=mode, dynamic=dynamic)
     return None
