@@ -23,6 +23,7 @@ COMMANDS = (
     "classify",
     "score",
     "export_onnx",
+    "plan",
 )
 
 
