@@ -56,7 +56,7 @@ class StudyConfig:
     resnet_width: int = 16
     width: int = 128  # text width (decoder, text towers) and joint embedding
     text_layers: int = 2
-    vocab_size: int = 512
+    vocab_size: int = 640  # BPE vocabulary trained on the captions (>= 514)
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 20
