@@ -213,7 +213,8 @@ def study_markdown(result: dict) -> str:
     curves, table, chance = result["curves"], result["efficiency"], result["chance"]
     c = result["config"]
     lines = [
-        f"{c['images']} images per run (batch {c['batch_size']}), seeds {list(c['seeds'])}, zero-shot top-1 "
+        f"{c['images']} images per run (batch {c['batch_size']}), seeds {result['seeds_done']}, "
+        f"zero-shot top-1 "
         f"over {result['num_classes']} classes on images of {result['num_heldout']} held-out combinations "
         f"(chance {100 * chance:.1f}%); contrastive text tower: {c['contrastive_text']}.",
         "",
@@ -287,30 +288,35 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, say: Callable[[st
         return evaluator.run(model, tokenizer)
 
     curves: dict[str, list[dict]] = {k: [] for k in cfg.objectives}
-    t0 = time.perf_counter()
+    chance, t0 = 1 / len(classnames), time.perf_counter()
+    result: dict = {}
     for seed in cfg.seeds:
         for objective in cfg.objectives:
             curves[objective].append(
                 train_curve(objective, seed, cfg, images, tokens, evaluate, vision, text, say)
             )
-    chance = 1 / len(classnames)
-    result = {
-        "config": asdict(cfg),
-        "num_classes": len(classnames),
-        "num_heldout": len(set(y.tolist())),
-        "chance": chance,
-        "curves": curves,
-        "efficiency": efficiency_table(curves, chance),
-        "paper_ratios": PAPER_RATIOS,
-        "seconds": time.perf_counter() - t0,
-    }
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
-        (out / "results.md").write_text(study_markdown(result))
-        plot_study(result, out / "figure2.png")
+        result = {
+            "config": asdict(cfg),
+            "seeds_done": list(cfg.seeds[: len(curves[cfg.objectives[0]])]),
+            "num_classes": len(classnames),
+            "num_heldout": len(set(y.tolist())),
+            "chance": chance,
+            "curves": curves,
+            "efficiency": efficiency_table(curves, chance),
+            "paper_ratios": PAPER_RATIOS,
+            "seconds": time.perf_counter() - t0,
+        }
+        if out is not None:  # after every seed: a long study cut short still leaves complete comparisons
+            write_study(result, out)
     return result
+
+
+def write_study(result: dict, out: str | Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    (out / "results.md").write_text(study_markdown(result))
+    plot_study(result, out / "figure2.png")
 
 
 def _json_default(v):
