@@ -139,10 +139,11 @@ def test_tiny_objectives_study(tmp_path):
     assert set(result["curves"]) == {"captioning", "bow", "contrastive"}
     for curves in result["curves"].values():
         assert len(curves) == 2 and all(c["images"] == [0, 16, 32] for c in curves)
-        assert all(0 <= a <= 1 for c in curves for a in c["acc1"])
+        assert all(0 <= a <= 1 for c in curves for a in c["acc1"] + c["acc1_seen"])
     assert result["num_classes"] == 64 and result["chance"] == pytest.approx(1 / 64)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["paper_ratios"] == {"captioning/bow": 3.0, "bow/contrastive": 4.0}
+    assert len(saved["efficiency_seen"]) == 3 and saved["seeds_done"] == [0, 1]
     assert "paper 3x" in (tmp_path / "results.md").read_text() and (tmp_path / "figure2.png").exists()
     with pytest.raises(ValueError, match="unknown objectives"):
         StudyConfig(objectives=("lm",))

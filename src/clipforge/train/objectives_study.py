@@ -52,6 +52,7 @@ class StudyConfig:
     contrastive_text: str = "bow"  # "bow" (Figure 2) or "transformer"
     train_images: int = 20000
     eval_per_class: int = 5  # held-out images per combination
+    seen_per_class: int = 2  # images per seen combination (0: held-out only)
     image_size: int = 32
     resnet_width: int = 16
     width: int = 128  # text width (decoder, text towers) and joint embedding
@@ -143,7 +144,9 @@ def train_curve(
         len(images), generator=torch.Generator().manual_seed(seed)
     )  # same for every objective
     every = max(1, cfg.steps // cfg.evals)
-    curve: dict[str, list] = {"images": [0], "acc1": [evaluate(model)["acc1"]], "loss": [float("nan")]}
+    curve: dict[str, list] = {"images": [0], "loss": [float("nan")]}
+    for k, v in evaluate(model).items():
+        curve[k] = [v]
 
     def amp():
         return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
@@ -163,11 +166,13 @@ def train_curve(
             if (step + 1) * cfg.batch_size == curve["images"][-1]:
                 continue
             curve["images"].append((step + 1) * cfg.batch_size)
-            curve["acc1"].append(evaluate(model)["acc1"])
+            for k, v in evaluate(model).items():
+                curve[k].append(v)
             curve["loss"].append(sum(losses[-every:]) / len(losses[-every:]))
             say(
                 f"{objective:>11} seed {seed}: {curve['images'][-1]:>7} images, "
-                f"loss {curve['loss'][-1]:.3f}, held-out top-1 {100 * curve['acc1'][-1]:.1f}% "
+                f"loss {curve['loss'][-1]:.3f}, held-out top-1 {100 * curve['acc1'][-1]:.1f}%, seen "
+                f"{100 * curve.get('acc1_seen', [float('nan')])[-1]:.1f}% "
                 f"({time.perf_counter() - t0:.0f} s)"
             )
     return curve
@@ -185,16 +190,16 @@ def images_to_reach(images: list[int], acc: list[float], target: float) -> float
     return None
 
 
-def _mean_curve(curves: list[dict]) -> tuple[list[int], list[float], list[float]]:
-    acc = torch.tensor([c["acc1"] for c in curves], dtype=torch.float64)  # (seeds, evals)
+def _mean_curve(curves: list[dict], key: str = "acc1") -> tuple[list[int], list[float], list[float]]:
+    acc = torch.tensor([c[key] for c in curves], dtype=torch.float64)  # (seeds, evals)
     std = acc.std(dim=0) if len(curves) > 1 else torch.zeros(acc.shape[1], dtype=torch.float64)
     return curves[0]["images"], acc.mean(dim=0).tolist(), std.tolist()
 
 
-def efficiency_table(curves: dict[str, list[dict]], chance: float) -> list[dict]:
+def efficiency_table(curves: dict[str, list[dict]], chance: float, key: str = "acc1") -> list[dict]:
     """For accuracy targets between chance and the best objective's final mean accuracy: images each
     objective needs to reach it (mean curve over seeds) and the paper's two ratios."""
-    means = {k: _mean_curve(v) for k, v in curves.items()}
+    means = {k: _mean_curve(v, key) for k, v in curves.items()}
     best = max(m[1][-1] for m in means.values())
     rows = []
     for frac in (0.25, 0.5, 0.75):
@@ -218,15 +223,28 @@ def study_markdown(result: dict) -> str:
         f"over {result['num_classes']} classes on images of {result['num_heldout']} held-out combinations "
         f"(chance {100 * chance:.1f}%); contrastive text tower: {c['contrastive_text']}.",
         "",
-        "| objective | final top-1 (%) mean | spread (std over seeds) | best (%) |",
-        "|---|---|---|---|",
+        "| objective | held-out: final top-1 (%) | std over seeds | seen: final top-1 (%) | std over seeds |",
+        "|---|---|---|---|---|",
     ]
+    seen = all("acc1_seen" in c for cs in curves.values() for c in cs)
     for k, cs in curves.items():
         _, mean, std = _mean_curve(cs)
-        best = max(max(c["acc1"]) for c in cs)
-        lines.append(f"| {k} | {100 * mean[-1]:.1f} | {100 * std[-1]:.1f} | {100 * best:.1f} |")
+        _, smean, sstd = _mean_curve(cs, "acc1_seen") if seen else ([], [float("nan")], [float("nan")])
+        lines.append(
+            f"| {k} | {100 * mean[-1]:.1f} | {100 * std[-1]:.1f} | "
+            f"{100 * smean[-1]:.1f} | {100 * sstd[-1]:.1f} |"
+        )
+    lines += ["", "Images to reach a top-1 on the held-out combinations:"]
+    lines += _efficiency_lines(curves, table)
+    if seen:
+        lines += ["", "Images to reach a top-1 on the seen combinations:"]
+        lines += _efficiency_lines(curves, result["efficiency_seen"])
+    return "\n".join(lines) + "\n"
+
+
+def _efficiency_lines(curves: dict, table: list[dict]) -> list[str]:
     pairs = [p for p in PAPER_RATIOS if all(k in curves for k in p.split("/"))]
-    lines += [
+    lines = [
         "",
         "| target top-1 (%) | "
         + " | ".join(f"images: {k}" for k in curves)
@@ -239,7 +257,7 @@ def study_markdown(result: dict) -> str:
         imgs = [f"{r['images'][k]:.0f}" if r["images"][k] is not None else "not reached" for k in curves]
         ratios = [f"{r[p]:.2f}x" if r.get(p) else "n/a" for p in pairs]
         lines.append(f"| {100 * r['target_acc1']:.1f} | " + " | ".join(imgs + ratios) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_study(result: dict, path: str | Path) -> Path:
@@ -249,21 +267,25 @@ def plot_study(result: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    keys = [("acc1", "held-out combinations")]
+    if all("acc1_seen" in c for cs in result["curves"].values() for c in cs):
+        keys.append(("acc1_seen", "seen combinations"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.2), squeeze=False)
     labels = {
         "captioning": "Transformer language model (captioning)",
         "bow": "bag-of-words prediction",
         "contrastive": f"contrastive ({result['config']['contrastive_text']} text encoder)",
     }
-    for k, cs in result["curves"].items():
-        x, mean, std = _mean_curve(cs)
-        m, s = torch.tensor(mean) * 100, torch.tensor(std) * 100
-        ax.plot(x, m, marker="o", ms=3, label=labels[k])
-        ax.fill_between(x, m - s, m + s, alpha=0.2)
-    ax.axhline(100 * result["chance"], color="gray", ls="--", lw=1, label="chance")
-    ax.set(xlabel="images processed", ylabel="zero-shot top-1 on held-out combinations (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (key, what) in zip(axes[0], keys):
+        for k, cs in result["curves"].items():
+            x, mean, std = _mean_curve(cs, key)
+            m, s = torch.tensor(mean) * 100, torch.tensor(std) * 100
+            ax.plot(x, m, marker="o", ms=3, label=labels[k])
+            ax.fill_between(x, m - s, m + s, alpha=0.2)
+        ax.axhline(100 * result["chance"], color="gray", ls="--", lw=1, label="chance")
+        ax.set(xlabel="images processed", ylabel=f"zero-shot top-1 on {what} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -282,10 +304,17 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, say: Callable[[st
     vision, text = _configs(cfg, tokenizer.vocab_size)
     tokens = tokenizer(captions, context_length=text.context_length, truncate=True)
     x, y, classnames = classification_set(shapes, cfg.eval_per_class, "unseen", classes="all")
-    evaluator = ObjectiveZeroShotEvaluator(classnames, TEMPLATES, normalise_uint8(x), y, text.context_length)
+    evaluators = {
+        "acc1": ObjectiveZeroShotEvaluator(classnames, TEMPLATES, normalise_uint8(x), y, text.context_length)
+    }
+    if cfg.seen_per_class:
+        xs, ys, _ = classification_set(shapes, cfg.seen_per_class, "seen_eval", classes="all")
+        evaluators["acc1_seen"] = ObjectiveZeroShotEvaluator(
+            classnames, TEMPLATES, normalise_uint8(xs), ys, text.context_length
+        )
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return evaluator.run(model, tokenizer)
+        return {k: ev.run(model, tokenizer)["acc1"] for k, ev in evaluators.items()}
 
     curves: dict[str, list[dict]] = {k: [] for k in cfg.objectives}
     chance, t0 = 1 / len(classnames), time.perf_counter()
@@ -303,6 +332,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, say: Callable[[st
             "chance": chance,
             "curves": curves,
             "efficiency": efficiency_table(curves, chance),
+            "efficiency_seen": efficiency_table(curves, chance, "acc1_seen") if cfg.seen_per_class else [],
             "paper_ratios": PAPER_RATIOS,
             "seconds": time.perf_counter() - t0,
         }
