@@ -118,6 +118,7 @@ def test_images_to_reach_and_efficiency_ratios():
     assert rows[0]["images"] == {"bow": pytest.approx(200), "contrastive": pytest.approx(50)}
     assert rows[0]["bow/contrastive"] == pytest.approx(4.0)
     assert rows[2]["bow/contrastive"] is None and "captioning/bow" not in rows[0]
+    assert rows[2]["bow/contrastive_at_least"] == pytest.approx(400 / 150)  # bow never reaches 0.6
 
 
 def test_tiny_objectives_study(tmp_path):

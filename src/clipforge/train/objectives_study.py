@@ -210,6 +210,8 @@ def efficiency_table(curves: dict[str, list[dict]], chance: float, key: str = "a
             a, b = pair.split("/")
             if a in need and b in need:
                 row[pair] = need[a] / need[b] if need[a] and need[b] else None  # None: not reached
+                if need[a] is None and need[b]:  # a never got there: the ratio is at least the run's length
+                    row[f"{pair}_at_least"] = means[a][0][-1] / need[b]
         rows.append(row)
     return rows
 
@@ -255,7 +257,10 @@ def _efficiency_lines(curves: dict, table: list[dict]) -> list[str]:
     ]
     for r in table:
         imgs = [f"{r['images'][k]:.0f}" if r["images"][k] is not None else "not reached" for k in curves]
-        ratios = [f"{r[p]:.2f}x" if r.get(p) else "n/a" for p in pairs]
+        ratios = [
+            f"{r[p]:.2f}x" if r.get(p) else f"> {r[p + '_at_least']:.2f}x" if p + "_at_least" in r else "n/a"
+            for p in pairs
+        ]
         lines.append(f"| {100 * r['target_acc1']:.1f} | " + " | ".join(imgs + ratios) + " |")
     return lines
 
@@ -338,6 +343,16 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, say: Callable[[st
         }
         if out is not None:  # after every seed: a long study cut short still leaves complete comparisons
             write_study(result, out)
+    return result
+
+
+def rewrite_study(out: str | Path) -> dict:
+    """Recompute the tables and the figure of a written study from its results.json."""
+    result = json.loads((Path(out) / "results.json").read_text())
+    result["efficiency"] = efficiency_table(result["curves"], result["chance"])
+    if all("acc1_seen" in c for cs in result["curves"].values() for c in cs):
+        result["efficiency_seen"] = efficiency_table(result["curves"], result["chance"], "acc1_seen")
+    write_study(result, out)
     return result
 
 
