@@ -301,8 +301,16 @@ def plot_study(result: dict, path: str | Path) -> Path:
 def run_study(cfg: StudyConfig, out: str | Path | None = None, say: Callable[[str], None] = print) -> dict:
     """Train every objective for every seed on the same data; write results.json/.md and figure2.png
     into `out` when given."""
+    before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # as the demo: tiny convs scale poorly and spin-wait when shared
+    try:
+        return _run_study(cfg, out, say)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_study(cfg: StudyConfig, out: str | Path | None, say: Callable[[str], None]) -> dict:
     shapes = ShapesConfig(image_size=cfg.image_size, seed=cfg.data_seed, p_single=0.8, p_count=0.1)
     images, captions = make_tensors(shapes, cfg.train_images, "train")
     tokenizer = train_bpe(captions, vocab_size=cfg.vocab_size, context_length=32)
