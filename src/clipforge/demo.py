@@ -69,6 +69,7 @@ class DemoConfig:
     patch_size: int = 8
     p_single: float = 0.8  # scene mix of the training set: one object / several copies / several objects
     p_count: float = 0.1
+    text_rate: float = 0.0  # share of training pairs with a written word (a model that learns to read)
     precision: str = "auto"  # bf16 autocast where the CPU has native bf16 matmuls, else fp32
     embed_dim: int = 128
     progress: bool = True
@@ -135,7 +136,11 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
 
     # ---- data: training pairs never show the held-out colour-shape combinations
     shapes = ShapesConfig(
-        image_size=cfg.image_size, seed=cfg.seed, p_single=cfg.p_single, p_count=cfg.p_count
+        image_size=cfg.image_size,
+        seed=cfg.seed,
+        p_single=cfg.p_single,
+        p_count=cfg.p_count,
+        text_rate=cfg.text_rate,
     )
     unseen = holdout_combos(shapes)
     say(

@@ -11,6 +11,13 @@ and the facts callers need); `get_loss(name)` gives it the one signature the tra
 
 Nothing here gathers across devices: the caller passes gathered features (gathering with gradients is
 a separate function, clipforge.train.global_loss).
+
+The predictive objectives of the paper's Figure 2 (a captioning language model, bag-of-words prediction)
+are declared in `PREDICTIVE_OBJECTIVES`, not in `OBJECTIVES`: their loss is a function of a head's
+vocabulary logits and the caption's token ids, not of two feature matrices and a temperature, and it is a
+mean of per-sample terms, so it needs no gathered form (the mean of equal local batches is the global
+mean, which DDP's gradient averaging already gives). Forcing them into `Objective`'s (img, txt, scale,
+bias) signature would hide that; see clipforge.models.predictive for the models that produce the logits.
 """
 
 from __future__ import annotations
@@ -218,3 +225,60 @@ def get_loss(name: str, lam: float = 0.5) -> LossFn:
         return local(img, txt, logit_scale, logit_bias, lam=lam)
 
     return loss_fn
+
+
+# ------------------------------------------------------------------------------------------ predictive
+def next_token_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) ids -> (targets (N, T-1), mask (N, T-1)): position j predicts tokens[:, j + 1]; positions
+    after each row's EOT (its largest id) are padding and masked out, the EOT itself is predicted."""
+    eot = tokens.argmax(dim=-1)  # (N,)
+    pos = torch.arange(1, tokens.shape[1], device=tokens.device)  # index of the target token
+    return tokens[:, 1:], pos[None, :] <= eot[:, None]
+
+
+def caption_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Language-model loss of a captioner: mean next-token cross entropy over the caption's tokens.
+
+    logits (N, T-1, V): the prediction for tokens[:, j + 1] at position j (after SOT and the image);
+    tokens (N, T) with SOT first and EOT last (zero padding after it). Every predicted token (each word
+    and the EOT) of the batch weighs the same."""
+    targets, mask = next_token_targets(tokens)
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match next-token targets {tuple(targets.shape)}"
+        )
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T-1)
+    return (ce * mask).sum() / mask.sum().clamp(min=1)
+
+
+def bow_targets(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(N, T) ids -> (N, V) the caption's normalised token counts (Joulin et al. 2016's bag-of-words target),
+    SOT, EOT and padding excluded. A caption without words gets an all-zero row (and no loss)."""
+    targets, mask = next_token_targets(tokens)
+    mask = mask & (targets != targets.max(dim=-1, keepdim=True).values)  # drop each row's EOT
+    counts = torch.zeros(tokens.shape[0], vocab_size, device=tokens.device)
+    counts.scatter_add_(1, targets, mask.float())
+    return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def bow_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Bag-of-words prediction: cross entropy of a softmax over the vocabulary, logits (N, V), against the
+    caption's normalised token counts (`bow_targets`), averaged over the captions."""
+    target = bow_targets(tokens, logits.shape[-1])
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+@dataclass(frozen=True)
+class PredictiveObjective:
+    """A loss on a model's vocabulary logits and the caption ids: loss(logits, tokens) -> scalar.
+    `head` names what the model's `predict` must return: "sequence" (N, T-1, V) next-token logits, or
+    "bag" (N, V) one distribution per image."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    head: str
+
+
+PREDICTIVE_OBJECTIVES: dict[str, PredictiveObjective] = {
+    "captioning": PredictiveObjective(caption_loss, "sequence"),
+    "bow": PredictiveObjective(bow_loss, "bag"),
+}

@@ -24,6 +24,7 @@ COMMANDS = (
     "score",
     "export_onnx",
     "serve",
+    "plan",
 )
 
 

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("few-shot", "k-shot probes (k = 1..16), plot against zero-shot"),
         ("retrieval", "image<->text recall@1/5/10 (manifest or .tar shards)"),
         ("robustness", "zero-shot accuracy on shifted sets, effective robustness plot"),
+        ("prompts", "bare name vs one template vs each template vs the ensemble: table and bar plot"),
+        ("typographic", "write another class's name on each image: clean vs attacked accuracy"),
     ]:
         t = tasks.add_parser(task, help=helptext)
         _common(t)
@@ -40,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             t.add_argument("--seeds", type=int, default=3)
         if task == "zeroshot":
             t.add_argument("--per-class", action="store_true", help="per-class table and confusion PNG")
+        if task == "typographic":
+            t.add_argument("--font-size", type=float, default=0.25, help="fraction of image height, or px")
+            t.add_argument("--position", default="center", help="center, top, bottom or random")
+            t.add_argument("--contrast", default="box", help="box (black on white), high or low")
+            t.add_argument("--font", default=None, help="TrueType file or system font (default: Pillow's)")
+            t.add_argument("--seed", type=int, default=0, help="picks each image's written class")
         if task == "robustness":
             t.add_argument("--shifted", nargs="+", default=[], metavar="NAME=PATH", help="shifted test sets")
             t.add_argument("--baseline-fit", help="'slope,intercept' of the logit baseline line")
@@ -80,6 +88,14 @@ def _spec(args: argparse.Namespace) -> dict:
     if args.eval_task == "few-shot":
         spec["ks"] = [int(k) for k in args.ks.split(",")]
         spec["seeds"] = list(range(args.seeds))
+    if args.eval_task == "typographic":
+        spec.update(
+            font_size=args.font_size,
+            position=args.position,
+            contrast=args.contrast,
+            font=args.font,
+            seed=args.seed,
+        )
     if getattr(args, "per_class", False):
         spec["per_class"] = True
     if args.eval_task == "robustness":

@@ -17,6 +17,12 @@ backgrounds, textured fills, gaussian noise, outline-only drawing, blur (`SHIFTS
 
 Every sample is drawn from its own RNG keyed by (seed, split, index), so `make_pairs(cfg, n)[:k]`
 equals `make_pairs(cfg, k)` and the same seed gives the same bytes on every machine.
+
+Written words (opt-in, `text_rate` > 0): that share of the *training* pairs also shows a word on a white
+sign (a colour or shape name by default, unrelated to the objects drawn) and says so in the caption ("a
+sign that says red"), so a model can learn to read -- and then be fooled by the typographic attack
+(clipforge.eval.typographic). The words come from a separate RNG stream, so with text_rate = 0 (the
+default) every image and caption is exactly what it was without the option.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from PIL import Image
 
 from .drawing import COLOURS, SHAPES, SIZES, ShapeObject, render_objects
+from .text_overlay import TextStyle, draw_word
 
 PLURALS = {s: s + "es" if s.endswith("ss") else s + "s" for s in SHAPES}
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
@@ -84,8 +91,13 @@ class ShapesConfig:
     p_single: float = 0.5  # scene kinds: one object / 2-3 copies of one object / 2-3 different objects
     p_count: float = 0.25
     holdout_seed: int | None = None
+    text_rate: float = 0.0  # share of training pairs with a written word (0: none, the set is unchanged)
+    text_words: tuple[str, ...] = ()  # words to write (default: the colour and shape names)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "text_words", tuple(self.text_words))
+        if not 0.0 <= self.text_rate <= 1.0:
+            raise ValueError(f"text_rate must be in [0, 1], got {self.text_rate}")
         object.__setattr__(self, "colours", tuple(self.colours))
         object.__setattr__(self, "shapes", tuple(self.shapes))
         if self.image_size < 16:
@@ -314,6 +326,33 @@ def _scene(
     return [obj], _article(caption), bg, bg_variant, "single"
 
 
+# Captions of a pair with a written word: the scene's caption and the word ({w}).
+TEXT_TEMPLATES = (
+    "{caption} and a sign that says {w}",
+    "{caption}, with the word {w} written on it",
+    "a sign that says {w} next to {scene}",
+    "{caption}. the sign reads {w}",
+    "the word {w} written over {scene}",
+)
+
+
+def _written_word(cfg: ShapesConfig, stream: str, split: str, index: int) -> tuple[str, str] | None:
+    """(word, caption template) of pair `index`, or None. Only training pairs get words; the draw is its
+    own RNG stream, so the scene itself never changes."""
+    if cfg.text_rate <= 0 or stream != "pairs" or split != "train":
+        return None
+    rng = random.Random(f"{cfg.seed}/{stream}/{split}/{index}/text")
+    if rng.random() >= cfg.text_rate:
+        return None
+    words = cfg.text_words or (*cfg.colours, *cfg.shapes)
+    return rng.choice(words), rng.choice(TEXT_TEMPLATES)
+
+
+def _with_word(caption: str, word: str, template: str) -> str:
+    scene = caption.rstrip(".")
+    return _article(template.format(caption=scene, w=word, scene=scene))
+
+
 def _check_shift(shift: str) -> None:
     if shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; choose from {SHIFTS}")
@@ -343,7 +382,14 @@ def render_scene(
         bg, bg_variant = shift_rng.choice(list(SHIFT_BACKGROUNDS)), shift_rng.randrange(4)
     noise_seed = (cfg.seed, SPLITS.index(split) if split in SPLITS else 9, index, 17)
     image = render_objects(cfg.image_size, objects, bg, bg_variant, shift, shift_rng, noise_seed)
-    return Scene(image, caption, tuple(objects), bg, kind)
+    written = _written_word(cfg, stream, split, index)
+    meta = {}
+    if written is not None:
+        word, template = written
+        place = random.Random(f"{cfg.seed}/{stream}/{split}/{index}/text-place")
+        image = draw_word(image, word, TextStyle(font_size=0.22, position="random", contrast="box"), place)
+        caption, meta = _with_word(caption, word, template), {"word": word}
+    return Scene(image, caption, tuple(objects), bg, kind, meta)
 
 
 def make_scenes(
@@ -363,10 +409,14 @@ def make_pairs(
 def make_captions(cfg: ShapesConfig, n: int, split: Split = "train", start: int = 0) -> list[str]:
     """The captions of make_pairs(cfg, n, split, start=start), without drawing the images."""
     combos = split_combos(cfg, split)
-    return [
-        _scene(cfg, combos, _scene_rng(cfg, "pairs", split, i), BACKGROUNDS)[1]
-        for i in range(start, start + n)
-    ]
+    out = []
+    for i in range(start, start + n):
+        caption = _scene(cfg, combos, _scene_rng(cfg, "pairs", split, i), BACKGROUNDS)[1]
+        written = _written_word(cfg, "pairs", split, i)
+        if written is not None:  # the caption render_scene gives
+            caption = _with_word(caption, *written)
+        out.append(caption)
+    return out
 
 
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:

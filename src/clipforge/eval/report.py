@@ -52,7 +52,7 @@ def markdown_table(records: Sequence[dict], digits: int = 2) -> str:
 
 
 def _format_metric(name: str, value: float, digits: int) -> str:
-    if any(word in name for word in ("acc", "recall", "robustness")):
+    if any(word in name for word in ("acc", "recall", "robustness", "follow_word", "flipped", "chance")):
         return f"{value * 100:.{digits}f}"
     return f"{value:.4g}"
 

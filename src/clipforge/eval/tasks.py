@@ -1,8 +1,9 @@
 """One evaluation task from a plain dict spec -> a CLIP_benchmark-shaped record (used by `clipforge eval`).
 
-Spec keys: task (zeroshot | linear-probe | few-shot | retrieval | robustness), dataset (a folder, a
-manifest, or tar shards for retrieval), train (probes), classnames, templates, shifted {name: path}
-(robustness), output_dir (plots), cache_dir, batch_size, ks / seeds (few-shot), name (dataset label).
+Spec keys: task (zeroshot | linear-probe | few-shot | retrieval | robustness | prompts | typographic),
+dataset (a folder, a manifest, or tar shards for retrieval), train (probes), classnames, templates,
+shifted {name: path} (robustness), output_dir (plots), cache_dir, batch_size, ks / seeds (few-shot),
+name (dataset label), font_size / position / contrast / font / seed (typographic).
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.fingerprint import dataset_fingerprint
+from ..data.text_overlay import TextStyle
 from .datasets import RetrievalSet, open_labelled, open_retrieval
 from .features import cached_image_features, encode_texts, model_fingerprint
 from .fewshot import DEFAULT_KS, few_shot_curve, plot_few_shot
 from .linear_probe import linear_probe
+from .prompts import plot_prompts, prompt_study, prompt_table
 from .report import per_class_table, plot_confusion, result_record
 from .retrieval import retrieval_metrics
 from .robustness import evaluate_shifts, plot_robustness, robustness_summary
 from .templates import load_templates
+from .typographic import save_examples, typographic_attack
 from .zeroshot import (
     classification_metrics,
     confusion_matrix,
@@ -32,6 +36,8 @@ TASK_NAMES = {
     "few-shot": "few_shot",
     "retrieval": "zeroshot_retrieval",
     "robustness": "robustness",
+    "prompts": "prompt_study",
+    "typographic": "typographic_attack",
 }
 
 
@@ -75,7 +81,28 @@ def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pre
         if needs_zs:
             templates = load_templates(spec.get("templates", "default"), spec.get("template_dataset"))
             clf = zero_shot_classifier(model, tokenizer, classnames, templates, bs).cpu()
-        if task == "zeroshot":
+        if task == "prompts":
+            x, y = feats(spec["dataset"], test)
+            templates = load_templates(spec.get("templates", "default"), spec.get("template_dataset"))
+            metrics = prompt_study(model, tokenizer, x, y, classnames, templates, bs)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{name}_prompt_templates.md").write_text(prompt_table(metrics))
+            plot_prompts(metrics, out_dir / f"{name}_prompts.png", title=f"{model_name} on {name}")
+        elif task == "typographic":
+            style = TextStyle(
+                float(spec.get("font_size", 0.25)),
+                spec.get("position", "center"),
+                spec.get("contrast", "box"),
+                spec.get("font"),
+            )
+            templates = load_templates(spec.get("templates", "default"), spec.get("template_dataset"))
+            paths, labels = [p for p, _ in test.samples], [y for _, y in test.samples]
+            seed = int(spec.get("seed", 0))
+            metrics = typographic_attack(
+                model, tokenizer, paths, labels, classnames, preprocess, templates, style, seed, bs
+            )
+            save_examples(paths, labels, classnames, out_dir / f"{name}_typographic.png", style, seed)
+        elif task == "zeroshot":
             x, y = feats(spec["dataset"], test)
             logits = zero_shot_logits(x, clf)
             metrics = classification_metrics(logits, y)
