@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from clipforge.models.flops import count_flops  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -72,22 +73,6 @@ def matmul_peak(
             lambda: torch.mm(a, b, out=out), warmup=2, min_repeats=3, min_seconds=min_seconds, clock=clock
         )
     return 2 * n**3 / t["best_s"]
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of `fn()`: 2 x multiply-accumulates of matmuls, convolutions and attention.
-
-    torch's table lacks the CPU flash-attention kernel; it is added with torch's own SDPA formula,
-    which counts full (non-causal) attention, as the usual published GMAC figures do."""
-
-    def cpu_flash_flops(q, k, v, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:  # shapes in
-        return sdpa_flop_count(q, k, v)
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flops}
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def environment() -> dict[str, Any]:

@@ -46,11 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_timing_args, format_table, matmul_peak, time_call, write_json
+from _common import add_timing_args, count_flops, format_table, matmul_peak, time_call, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (label, preset, implementation, precision, mask ratio, full-context captions[, compiled])
@@ -71,25 +70,6 @@ GPU_ROWS = [
     ("ViT-B-32", "ViT-B-32", "clipforge", "bf16", 0.0, False),
     ("ViT-B-32 FLIP 0.5", "ViT-B-32", "clipforge", "bf16", 0.5, False),
 ]
-
-
-def count_step_flops(fn) -> int:
-    """FLOPs of `fn()` (forward + backward): torch's table plus the CPU flash-attention kernels."""
-
-    def fwd(q, k, v, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        return sdpa_flop_count(q, k, v)
-
-    def bwd(grad_out, q, k, v, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        return sdpa_backward_flop_count(grad_out, q, k, v)
-
-    aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: fwd}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def load_openai_model_module():
@@ -195,9 +175,7 @@ def one_row(spec: dict[str, Any], args) -> dict[str, Any]:
     batch = make_batch(cfg, args.batch, args.caption_tokens, spec["full_ctx"], device)
     text_positions = int(batch["text"].argmax(-1).max()) + 1 if spec["impl"] == "clipforge" else None
 
-    flops = count_step_flops(
-        lambda: trainer.train_step(batch)
-    )  # eager: the compiled step does the same maths
+    flops = count_flops(lambda: trainer.train_step(batch))  # eager: the compiled step does the same maths
     if compiled:
         from clipforge.models.compile import compile_towers
 

