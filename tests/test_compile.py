@@ -18,7 +18,7 @@ from clipforge.train.step import make_step_fn
     "backend",
     [
         "aot_eager",  # dynamo capture + AOTAutograd, no code generation: fast
-        pytest.param("inductor", marks=[pytest.mark.heavy, pytest.mark.skipif(
+        pytest.param("inductor", marks=[pytest.mark.heavy, pytest.mark.timeout(1800), pytest.mark.skipif(
             compile_unavailable() is not None, reason=f"{compile_unavailable()}")]),  # generated C++ kernels
     ],
 )  # fmt: skip

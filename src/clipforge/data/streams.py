@@ -12,7 +12,9 @@ augmentation is seeded from (seed, epoch, position), never from the order worker
 from __future__ import annotations
 
 import json
+import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,28 @@ def _seed_for(seed: int, epoch: int, index: int) -> int:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGINT to the main process. A scheduler's preemption signal goes
-    to the whole process group; a worker that died of it would crash the main process before it could
-    write its checkpoint at the step boundary. The main process stops the workers itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers leave SIGTERM/SIGINT from outside to the main process, but obey their parent.
+
+    A scheduler's preemption signal goes to the whole process group; a worker that died of it would crash
+    the main process before it could write its checkpoint at the step boundary, so the main process stops
+    its workers itself. Its own SIGTERM (DataLoader shutdown, multiprocessing's exit handler terminating
+    daemonic children) must still end them, or the main process waits for them forever at exit: where the
+    platform can tell the sender (Linux), SIGTERM is taken by a thread that exits only when it comes from
+    the parent.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # e.g. macOS: no sender pid; the parent shuts workers down itself
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def obey_parent_only() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # the worker holds nothing to flush: its results go through the parent's queue
+
+    threading.Thread(target=obey_parent_only, name="clipforge-sigterm", daemon=True).start()
 
 
 class _SeededItems(Dataset):

@@ -306,6 +306,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         window_t, window_n = time.perf_counter(), 0
+        stream = None
         try:
             with self._signals():
                 stream = iter(self.data)
@@ -362,6 +363,8 @@ class Trainer:
                             f"{name} at step {self.step}: checkpoint saved; continue with --resume"
                         )
         finally:
+            if stream is not None and hasattr(stream, "close"):
+                stream.close()  # stops its DataLoader workers now, not at garbage collection
             bar.close()
             if logger is not None:
                 logger.close()
