@@ -96,40 +96,48 @@ def test_sigterm_to_the_process_group_with_workers_writes_a_checkpoint(tmp_path)
     assert list((out / "checkpoints").iterdir()), "no checkpoint written"
 
 
-_LEAKED_STREAM = """
-import multiprocessing, os, signal, sys, time, torch
+_PREEMPTED_STREAMS = """
+import os, signal, subprocess, sys, time, torch
 from clipforge.data.streams import BatchStream
 got = []
 signal.signal(signal.SIGTERM, lambda *a: got.append(a[0]))  # the main process owns preemption
-stream = BatchStream(torch.utils.data.TensorDataset(torch.arange(400.0)), 4, seed=0, workers=2)
-it = iter(stream)
-next(it)  # a live epoch iterator with two workers, never closed: only the exit handlers can stop them
-print(*[p.pid for p in multiprocessing.active_children()], flush=True)
-sys.stdin.readline()  # meanwhile the test sends SIGTERM to the whole process group
-time.sleep(0.5)
-for _ in range(20):
-    next(it)  # both workers still serve batches: they ignored the group's SIGTERM
-assert got == [signal.SIGTERM], got
+# another process SIGTERMs the whole group on request, as a scheduler does (and ignores it itself)
+scheduler = subprocess.Popen([sys.executable, "-c", "import os, signal, sys, time\\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True)\\n"
+    "for line in sys.stdin: time.sleep(float(line)); os.killpg(0, signal.SIGTERM)"],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+scheduler.stdout.readline()
+data = torch.utils.data.TensorDataset(torch.arange(400.0))
+for delay in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2):  # some land while workers are starting
+    scheduler.stdin.write(f"{delay}\\n")
+    scheduler.stdin.flush()
+    it = iter(BatchStream(data, 4, seed=0, workers=2))
+    for _ in range(20):
+        next(it)  # both workers keep serving batches: they ignored the group's SIGTERM
+    time.sleep(0.3)
+scheduler.kill()
+# `it` is never closed: only the exit handlers can stop its workers
+print(len(got), *[p.pid for p in __import__("multiprocessing").active_children() if p.pid != scheduler.pid])
 """
 
 
 def test_workers_ignore_outside_sigterm_but_never_block_the_exit(tmp_path):
-    """Workers ignore a SIGTERM sent to the process group (the main process owns preemption) but obey the
-    parent's own: multiprocessing's exit handler terminates, then joins them (this used to wait forever)."""
-    script = tmp_path / "leak.py"
-    script.write_text(_LEAKED_STREAM)
-    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    """Workers ignore a SIGTERM sent to the process group, even one that lands while they start (the main
+    process owns preemption), but obey the parent's own: multiprocessing's exit handler terminates, then
+    joins them (this used to wait forever)."""
+    script = tmp_path / "preempted.py"
+    script.write_text(_PREEMPTED_STREAMS)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             start_new_session=True)  # fmt: skip
     try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 2, proc.communicate(timeout=60)
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate("go\n", timeout=60)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr
+    signals, *pids = (int(x) for x in stdout.split())
+    assert signals == 7 and len(pids) == 2, stdout
     time.sleep(0.5)
     for pid in pids:  # gone (or a zombie of the gone parent, not yet reaped)
         status = Path(f"/proc/{pid}/status")

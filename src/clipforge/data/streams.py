@@ -41,21 +41,38 @@ def ignore_stop_signals(worker_id: int) -> None:
     its workers itself. Its own SIGTERM (DataLoader shutdown, multiprocessing's exit handler terminating
     daemonic children) must still end them, or the main process waits for them forever at exit: where the
     platform can tell the sender (Linux), SIGTERM is taken by a thread that exits only when it comes from
-    the parent.
+    the parent. Workers are born with both signals blocked (`start_workers`), so none is lost to the
+    start-up window before this runs.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # e.g. macOS: no sender pid; the parent shuts workers down itself
+    if hasattr(signal, "sigwaitinfo"):
+        parent = os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+        def obey_parent_only() -> None:
+            while True:
+                if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                    os._exit(0)  # nothing to flush: a worker's results go through the parent's queue
+
+        threading.Thread(target=obey_parent_only, name="clipforge-sigterm", daemon=True).start()
+        unblock = {signal.SIGINT}
+    else:  # e.g. macOS: no sender pid; the parent shuts its workers down through their queues
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return
-    parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+        unblock = {signal.SIGINT, signal.SIGTERM}
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)  # pending ones are now ignored
 
-    def obey_parent_only() -> None:
-        while True:
-            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-                os._exit(0)  # the worker holds nothing to flush: its results go through the parent's queue
 
-    threading.Thread(target=obey_parent_only, name="clipforge-sigterm", daemon=True).start()
+def start_workers(loader: DataLoader) -> Iterator[Any]:
+    """`iter(loader)` with its worker processes forked while SIGTERM/SIGINT are blocked: a signal that
+    arrives before a worker has run `ignore_stop_signals` waits for it instead of killing the worker."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a signal that came meanwhile is delivered now
 
 
 class _SeededItems(Dataset):
@@ -154,7 +171,7 @@ class BatchStream:
                 generator=torch.Generator().manual_seed(self.seed),
                 persistent_workers=False,
             )
-            for batch in loader:
+            for batch in start_workers(loader):
                 self.index += self.batch_size
                 yield batch
             if self.on_epoch_end is not None:  # every sample of the epoch has been loaded by now
@@ -210,7 +227,7 @@ class IterableBatchStream:
                 generator=torch.Generator().manual_seed(self.epoch),
             )
             skip, seen = self.index // self.batch_size, 0
-            for k, batch in enumerate(loader):
+            for k, batch in enumerate(start_workers(loader)):
                 seen += 1
                 if k < skip:
                     continue
