@@ -135,6 +135,29 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(N, C))
 
 
+def checkpoint_bn_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`block(x)` with its activations recomputed in the backward pass. The recomputation must not move
+    BatchNorm running statistics a second time (momentum applied twice per step, `num_batches_tracked`
+    counting double): its buffers are put back as the forward pass left them."""
+    calls = 0
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the forward pass: updates the running statistics once, as without checkpointing
+            return block(inp)
+        kept = [(b, b.clone()) for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for b in m.buffers(recurse=False)]  # fmt: skip
+        try:  # the same ops as the forward (checkpoint requires the same saved tensors)
+            return block(inp)
+        finally:  # also when checkpoint stops the recomputation early, from inside `block`
+            with torch.no_grad():
+                for buffer, value in kept:
+                    buffer.copy_(value)
+
+    return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+
 class ModifiedResNet(nn.Module):
     """ResNet-D style: 3-conv stem with avgpool, anti-aliased strided blocks, attention pooling."""
 
@@ -195,7 +218,9 @@ class ModifiedResNet(nn.Module):
         x = self.stem_pool(F.relu(self.bn3(self.conv3(x))))
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint_sequential(stage, len(stage), x, use_reentrant=False)
+                # every block, the stage's last included (checkpoint_sequential leaves its last segment out)
+                for block in stage:
+                    x = checkpoint_bn_block(block, x)
             else:
                 x = stage(x)
         return self.attnpool(x)
