@@ -168,3 +168,29 @@ def test_clip_gradients_matches_manual_norm():
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     with pytest.raises(ValueError, match="needs the optimizer"):
         clip_gradients(model, 1.0, scaler=scaler)
+
+
+def test_default_optimizer_is_fused_where_torch_offers_it_and_equals_the_for_loop():
+    """The fused kernel is a speed choice only: same state keys (checkpoints interchangeable) and the same
+    updates as torch's reference for-loop AdamW within float32 rounding."""
+    torch.manual_seed(0)
+    model = create_model("tiny-vit")
+    ref_model = copy.deepcopy(model)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.2)
+    try:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(2))], fused=True)
+        assert opt.defaults["fused"], "torch offers fused AdamW on CPU here but it was not chosen"
+    except (RuntimeError, ValueError):
+        assert not opt.defaults.get("fused")
+    ref = torch.optim.AdamW(param_groups(ref_model, 0.2), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    assert [sorted(s) for s in opt.state_dict()["state"].values()] == [
+        sorted(s) for s in ref.state_dict()["state"].values()
+    ]

