@@ -197,3 +197,54 @@ def test_fp32_embeddings_equal_openai_reference_model(tmp_path):
     got = np.stack([rows[k] for k in keys])
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def write_photos(folder, n, size=(200, 150)):
+    """n smooth photo-like JPEGs (gradients and blobs, not noise) a few times the model's input size."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    for i in range(n):
+        c0, c1 = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+        t = (xx / size[0] * 0.6 + yy / size[1] * 0.4)[..., None]
+        img = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(4):
+            x, y = int(rng.integers(0, size[0] - 40)), int(rng.integers(0, size[1] - 40))
+            d.ellipse([x, y, x + 40, y + 30], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        img.filter(ImageFilter.GaussianBlur(1)).save(folder / f"p{i}.jpg", quality=90)
+
+
+def test_fast_decode_is_close_to_exact_and_recorded(ckpt, tmp_path):
+    from clipforge.transforms import load_image_reduced
+
+    photos = tmp_path / "photos"
+    write_photos(photos, 6)
+    # 150 px short side, 32 px input: decoded at 1/4 (38 px), the full size still reported
+    img, size = load_image_reduced(photos / "p0.jpg", 32)
+    assert img.size == (50, 38) and size == (200, 150)
+
+    exact = embed(photos, tmp_path / "exact", ckpt, options=EmbedOptions(dtype="float32", progress=False))
+    opts = EmbedOptions(dtype="float32", progress=False, fast_decode=True, workers=2)
+    fast = embed(photos, tmp_path / "fast", ckpt, options=opts)
+    assert exact["fast_decode"] is False and fast["fast_decode"] is True
+    assert json.loads((tmp_path / "fast" / "manifest.json").read_text())["runs"][0]["fast_decode"] is True
+    a, b = rows_by_key(tmp_path / "exact"), rows_by_key(tmp_path / "fast")
+    assert a.keys() == b.keys() and len(a) == 6
+    cos = np.array([float(a[k] @ b[k]) for k in a])
+    assert cos.min() >= 0.99
+    assert max(np.abs(a[k] - b[k]).max() for k in a) > 1e-4  # other pixels: not the exact path by accident
+    meta = EmbeddingStore(tmp_path / "fast").metadata(["width", "height"]).to_pylist()
+    assert {(m["width"], m["height"]) for m in meta} == {(200, 150)}
+
+    # a directory never mixes the two decodings
+    write_photos(photos / "new", 2)
+    with pytest.raises(ValueError, match="fast-decode"):
+        embed(
+            photos,
+            tmp_path / "exact",
+            ckpt,
+            options=EmbedOptions(dtype="float32", progress=False, append=True, fast_decode=True),
+        )
