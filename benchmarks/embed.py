@@ -6,14 +6,18 @@ One run, same JPEG files, same weights, same machine:
    - baseline, clip-retrieval style: OpenAI's clip/model.py (loaded by file path) holding the same weights,
      a torch DataLoader with PIL decoding and the standard eval transform, fp32, normalise, np.save;
    - ours fp32 (`clipforge.use.embed`; max abs difference to the baseline's embeddings reported, target
-     <= 1e-5), ours bf16 autocast (min cosine to our fp32, target >= 0.999), ours on ONNX Runtime.
-   Fast JPEG decoding at reduced scale (PIL draft / simplejpeg) is not implemented in `embed` yet: no row.
+     <= 1e-5), ours bf16 autocast (min cosine to our fp32, target >= 0.999), ours on ONNX Runtime, and
+     ours fp32 with fast JPEG decoding at reduced scale (`EmbedOptions.fast_decode`: PIL draft, opt-in
+     because it changes pixels; min cosine to our exact fp32).
+   Both sides build their model before the clock starts (the baseline from the state dict in memory,
+   ours with `open_encoder` from the checkpoint on disk); our load time is reported beside each row.
 2. Search latency p50/p99 (one query at a time) for flat / HNSW / IVF-PQ over synthetic unit vectors,
    with recall@10 against exact search.
 3. `classify` over N images x L labels with the labels embedded once vs HF pipeline semantics (every
    label re-encoded for every image, one image per forward).
 
-    python benchmarks/embed.py                       # ViT-B-32, 512 images, 100k and 1M vectors
+    python benchmarks/embed.py                       # ViT-B-32, 512 640x480 JPEGs, 100k and 1M vectors,
+                                                     # classify 1000 images x 100 labels
     python benchmarks/embed.py --quick               # tiny sizes: checks that everything runs
 
 Prints tables and writes benchmarks/results/embed.json. Whether the CPU has bf16 matrix instructions
@@ -56,15 +60,16 @@ def bf16_matrix_flags() -> list[str]:
     return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
 
 
-def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+def write_jpegs(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> list[Path]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    w, h = size
     for i in range(n):
-        img = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         d = ImageDraw.Draw(img)
         for _ in range(3):
-            x, y = rng.integers(0, 280), rng.integers(0, 200)
+            x, y = rng.integers(0, w - 40), rng.integers(0, h - 40)
             d.ellipse([x, y, x + 40, y + 40], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
         p = folder / f"{i:06d}.jpg"
         img.save(p, quality=90)
@@ -79,7 +84,12 @@ def openai_clip(model):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sd = {k: v.clone() for k, v in convert_clipforge_to_openai(model.state_dict(), model.config).items()}
-    return module.build_model(sd).float().eval()
+    # build_model casts conv/linear/attention weights to fp16 (convert_weights) *before* loading the state
+    # dict, so `.float()` alone leaves them fp16-rounded: a different network (4.5e-5 max abs difference
+    # in the normalised ViT-B-32 features, in float64 as in float32). Reload the fp32 weights.
+    ref = module.build_model(dict(sd)).float()
+    ref.load_state_dict(sd)
+    return ref.eval()
 
 
 class Files(Dataset):
@@ -109,20 +119,26 @@ def baseline_embed(
     return time.perf_counter() - t0, arr
 
 
-def ours(photos, out, model, runtime="torch", precision="fp32", batch_size=32, workers=2):
-    opts = EmbedOptions(batch_size=batch_size, workers=workers, dtype="float32", progress=False)
+def ours(photos, out, model, runtime="torch", precision="fp32", batch_size=32, workers=2, fast_decode=False):
+    """(seconds to embed, seconds to load the model, vectors in file order)."""
+    opts = EmbedOptions(
+        batch_size=batch_size, workers=workers, dtype="float32", progress=False, fast_decode=fast_decode
+    )
     t0 = time.perf_counter()
-    embed(photos, out, model, runtime=runtime, precision=precision, options=opts)
+    enc = open_encoder(model, runtime, precision=precision)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embed(photos, out, enc, options=opts)
     seconds = time.perf_counter() - t0
     store = EmbeddingStore(out)
-    return seconds, store.vectors(np.arange(store.count))
+    return seconds, load_s, store.vectors(np.arange(store.count))
 
 
 def bench_embedding(args, work: Path) -> list[dict]:
     torch.manual_seed(0)
     model = create_model(args.model).eval()
     ckpt = save_pretrained(model, work / "ckpt", tokenizer=Tokenizer.from_openai_vocab())
-    paths = write_jpegs(work / "photos", args.images)
+    paths = write_jpegs(work / "photos", args.images, size=args.photo_size)
     n = len(paths)
     rows = []
     try:
@@ -138,12 +154,16 @@ def bench_embedding(args, work: Path) -> list[dict]:
     except importlib.metadata.PackageNotFoundError:
         base = None
         print("openai-clip is not installed: no baseline row", file=sys.stderr)
-    t, fp32 = ours(work / "photos", work / "fp32", ckpt, batch_size=args.batch_size, workers=args.workers)
+    t, load_s, fp32 = ours(
+        work / "photos", work / "fp32", ckpt, batch_size=args.batch_size, workers=args.workers
+    )
     # OpenAI's build_model assumes 64-wide heads: only then does the baseline hold the same network
     same_net = model.config.vision.heads == model.config.vision.width // 64
     diff = float(np.abs(fp32 - base).max()) if base is not None and same_net else None
-    rows.append({"row": "ours fp32", "images_per_s": n / t, "max_abs_diff_to_baseline": diff})
-    t, bf16 = ours(
+    rows.append(
+        {"row": "ours fp32", "images_per_s": n / t, "load_s": load_s, "max_abs_diff_to_baseline": diff}
+    )
+    t, load_s, bf16 = ours(
         work / "photos",
         work / "bf16",
         ckpt,
@@ -155,11 +175,12 @@ def bench_embedding(args, work: Path) -> list[dict]:
         {
             "row": "ours bf16 autocast",
             "images_per_s": n / t,
+            "load_s": load_s,
             "min_cosine_to_fp32": float((bf16 * fp32).sum(1).min()),
         }
     )
     export_onnx(ckpt, work / "onnx")
-    t, onnx = ours(
+    t, load_s, onnx = ours(
         work / "photos",
         work / "onnx_emb",
         work / "onnx",
@@ -171,7 +192,24 @@ def bench_embedding(args, work: Path) -> list[dict]:
         {
             "row": "ours ONNX Runtime",
             "images_per_s": n / t,
+            "load_s": load_s,
             "min_cosine_to_fp32": float((onnx * fp32).sum(1).min()),
+        }
+    )
+    t, load_s, fast = ours(
+        work / "photos",
+        work / "fast",
+        ckpt,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        fast_decode=True,
+    )
+    rows.append(
+        {
+            "row": "ours fp32 + fast decode",
+            "images_per_s": n / t,
+            "load_s": load_s,
+            "min_cosine_to_fp32": float((fast * fp32).sum(1).min()),
         }
     )
     base_rate = rows[0]["images_per_s"] if base is not None else None
@@ -287,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--images", type=int, default=512)
+    p.add_argument(
+        "--photo-size",
+        default="640x480",
+        help="WxH of the embedded JPEGs (a web photo: fast decoding halves it for a 224 px model; "
+        "at 320x240 it has nothing to skip)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--index-sizes", default="100000,1000000")
@@ -300,16 +344,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.model, args.images, args.index_sizes, args.dim = "tiny-vit", 32, "5000", 64
         args.queries, args.classify_images, args.labels, args.workers = 20, 16, 10, 0
+        args.photo_size = "320x240"
     args.index_sizes = [int(s) for s in str(args.index_sizes).split(",")]
+    args.photo_size = tuple(int(v) for v in str(args.photo_size).lower().split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         emb = bench_embedding(args, work)
         print(
-            f"\nEmbedding {args.images} JPEG files with {args.model} (decode + preprocess + model + write):"
+            f"\nEmbedding {args.images} JPEG files of {args.photo_size[0]}x{args.photo_size[1]} with "
+            f"{args.model} (decode + preprocess + model + write):"
         )
         print(
             format_table(
-                emb, ["row", "images_per_s", "vs_baseline", "max_abs_diff_to_baseline", "min_cosine_to_fp32"]
+                emb,
+                [
+                    "row",
+                    "images_per_s",
+                    "vs_baseline",
+                    "load_s",
+                    "max_abs_diff_to_baseline",
+                    "min_cosine_to_fp32",
+                ],
             )
         )
         search = bench_search(args, work)

@@ -94,3 +94,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "manifest.json not found" in err and "Traceback" not in err
     assert main(["classify", "x.jpg", "--model", ckpt]) == 1
     assert "no labels" in capsys.readouterr().err
+
+
+def test_cli_embed_fast_decode_is_recorded(tmp_path, capsys):
+    ckpt = str(tiny_checkpoint(tmp_path / "ckpt"))
+    photos = tmp_path / "photos"
+    write_images(photos, 4, size=(90, 70))
+    emb = tmp_path / "emb"
+    argv = ["embed", "--model", ckpt, "--data", str(photos), "--out", str(emb), "--workers", "0"]
+    assert main([*argv, "--no-progress", "--fast-decode"]) == 0
+    assert "4 rows" in (out := capsys.readouterr().out) and "fast JPEG decoding" in out
+    assert json.loads((emb / "manifest.json").read_text())["fast_decode"] is True

@@ -371,6 +371,53 @@ class EncodedImage:
 _DCT_SCALES = (4, 2, 1)
 
 
+def dct_scale(side: float, target: int) -> int:
+    """The largest JPEG DCT scale-down (4 or 2, else 1) that leaves `side` source pixels at least `target`
+    decoded pixels, so the bicubic resize to `target` that follows still shrinks."""
+    return next(k for k in _DCT_SCALES if side / k >= target or k == 1)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1: upright, 5-8: the axes are swapped), read from the header."""
+    return int(img.getexif().get(0x0112, 1))
+
+
+def decode_upright(img: Image.Image, k: int, orientation: int) -> Image.Image:
+    """Decode an opened image, a JPEG at 1/k scale inside the decoder (PIL `draft`, libjpeg's DCT
+    scaling; other formats at full size), and turn it upright (no copy when it already is)."""
+    if k > 1 and img.format == "JPEG":
+        w, h = img.size
+        img.draft(img.mode, (w // k, h // k))
+    img.load()
+    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+
+
+def load_image_reduced(
+    source: str | os.PathLike | IO[bytes],
+    min_side: int,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] | None = None,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
+    name: str | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_image` for a model whose eval transform resizes the short side to `min_side`: a JPEG is
+    decoded at the smallest DCT scale (1/4, 1/2) whose short side is still >= `min_side`, the resize then
+    starts from far fewer pixels. The pixels differ from `load_image`'s (the decoder's scaling instead of
+    the bicubic filter over the full image), so this is opt-in. Returns the RGB image and the
+    full-resolution upright (width, height), what metadata should record."""
+    with open_image(source, max_pixels=max_pixels, max_aspect=max_aspect, name=name) as img:
+        name = name or _name(source)
+        try:
+            orientation = exif_orientation(img)
+            w, h = img.size
+            size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            k = dct_scale(min(w, h), min_side) if img.format == "JPEG" else 1
+            return to_rgb(decode_upright(img, k, orientation), background), size
+        except Exception as e:
+            raise ImageLoadError(f"cannot decode image file {name}: {type(e).__name__}: {e}") from e
+
+
 class FastTrainTransform(TrainTransform):
     """The training crop of `TrainTransform`, computed with less work; returns uint8 (3, S, S).
 
@@ -420,17 +467,12 @@ class FastTrainTransform(TrainTransform):
         n = self.image_size
         with open_image(io.BytesIO(enc.data), name=enc.name) as img:
             try:
-                orientation = img.getexif().get(0x0112, 1)
+                orientation = exif_orientation(img)
                 w, h = img.size
                 uw, uh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 5-8 swap the axes
                 box = self.box(uw, uh)
-                if img.format == "JPEG":
-                    side = min(box[2] - box[0], box[3] - box[1])  # the crop's short side, source pixels
-                    k = next(k for k in _DCT_SCALES if side / k >= n or k == 1)
-                    if k > 1:
-                        img.draft(img.mode, (w // k, h // k))
-                img.load()
-                up = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img  # (no copy)
+                side = min(box[2] - box[0], box[3] - box[1])  # the crop's short side, source pixels
+                up = decode_upright(img, dct_scale(side, n), orientation)
             except Exception as e:
                 raise ImageLoadError(f"cannot decode image file {enc.name}: {type(e).__name__}: {e}") from e
         rx, ry = up.size[0] / uw, up.size[1] / uh  # the decoded scale (1/k, up to rounding)

@@ -46,7 +46,10 @@ class CLIP(nn.Module):
         self.logit_bias = (
             None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
         )
-        self.init_weights()
+        # On the meta device (checkpoint loading, planning) there are no values to draw: the ~200 init
+        # calls would only cost dispatch time (a quarter second for ViT-B-32 on every `load`).
+        if not self.logit_scale.is_meta:
+            self.init_weights()
 
     def init_weights(self) -> None:
         """OpenAI's initialisation (of the towers built here, not of prebuilt ones)."""

@@ -48,7 +48,12 @@ DTYPES = ("float16", "float32")
 @dataclass(frozen=True)
 class EmbedOptions:
     """modality: image | text | both ("auto": text for a captions file, image otherwise); `both`
-    needs a caption for every image (images without one are skipped as no_caption)."""
+    needs a caption for every image (images without one are skipped as no_caption).
+
+    fast_decode: JPEGs are decoded at 1/2 or 1/4 scale inside the decoder (PIL `draft`) when the short side
+    stays >= the model's input size, then the usual eval transform runs: less to decode and resize for
+    photos larger than the input, but other pixels than the exact path's, hence opt-in; the manifest
+    records it (`fast_decode`) and `embed` refuses to mix the two in one directory."""
 
     modality: str = "auto"
     kind: str | None = None  # folder | manifest | shards | captions (None: detected)
@@ -60,6 +65,7 @@ class EmbedOptions:
     image_key: str = "image"
     caption_key: str = "caption"
     progress: bool = True
+    fast_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.modality not in (*MODALITIES, "auto"):
@@ -84,6 +90,7 @@ def _new_manifest(enc: Encoder, data: str, kind: str, modality: str, opts: Embed
         "preprocess": enc.preprocess_config.to_dict(),
         "dim": enc.embed_dim,
         "dtype": opts.dtype,
+        "fast_decode": opts.fast_decode,  # JPEGs decoded at reduced scale (see EmbedOptions)
         "normalized": True,
         "modality": modality,
         "modalities": _modalities(modality),
@@ -113,6 +120,12 @@ def _open_out(out: Path, enc: Encoder, data: str, kind: str, modality: str, opts
         raise ValueError(
             f"{out} holds {manifest['modality']} embeddings in {manifest['dtype']}; this run asks for "
             f"{modality} in {opts.dtype}: use the same settings or another --out"
+        )
+    if manifest.get("fast_decode", False) != opts.fast_decode:  # older manifests: exact decoding
+        was, now = ("without", "with") if opts.fast_decode else ("with", "without")
+        raise ValueError(
+            f"{out} holds embeddings decoded {was} --fast-decode; this run asks {now}: its pixels differ, "
+            "so use the same setting or another --out"
         )
     if manifest["complete"] and not opts.append:
         raise ValueError(
@@ -186,8 +199,9 @@ def _loader(data: str, kind: str, modality: str, enc: Encoder, opts: EmbedOption
     """(DataLoader, number of inputs to do or None for a stream)."""
     images = modality != "text"
     transform = enc.preprocess if images else None
+    draft_side = enc.preprocess_config.image_size if opts.fast_decode and images else None
     if kind == "shards":
-        ds = ShardImages(data, transform, done, images=images)
+        ds = ShardImages(data, transform, done, images=images, draft_side=draft_side)
         total = None
     else:
         if kind == "folder":
@@ -199,7 +213,7 @@ def _loader(data: str, kind: str, modality: str, enc: Encoder, opts: EmbedOption
                 raise ValueError(f"{data} is a captions file: it has only texts (use modality 'text')")
             items = caption_items(data)
         todo = [it for it in items if it.key not in done]
-        ds, total = ItemImages(todo, transform, images=images), len(todo)
+        ds, total = ItemImages(todo, transform, images=images, draft_side=draft_side), len(todo)
     workers = opts.workers if images else 0  # texts are read in the main process (nothing to decode)
     loader = DataLoader(
         ds, batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_rows, shuffle=False
@@ -237,6 +251,7 @@ def embed(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "append": opts.append,
         "runtime": enc.runtime,
+        "fast_decode": opts.fast_decode,
     }
     manifest["runs"].append(run)
     write_json_atomic(out / MANIFEST, manifest)

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from ..data.pairs import IMAGE_EXTS, MANIFEST_FORMATS, clean_captions, manifest_rows
 from ..data.skips import SkipCounter, Skipped
 from ..data.wds import image_member, iter_samples, sample_captions, shard_urls
-from ..transforms import ImageLoadError, load_image
+from ..transforms import ImageLoadError, load_image, load_image_reduced
 
 KINDS = ("folder", "manifest", "shards", "captions")
 
@@ -125,30 +124,44 @@ def caption_items(path: str | Path) -> list[Item]:
     return items
 
 
-def open_image(source: Any, name: str) -> Any:
-    """A PIL image, or Skipped naming why not (missing / corrupt; load_image's size guards apply)."""
+def open_image(source: Any, name: str, draft_side: int | None = None) -> Any:
+    """(PIL image, its full upright (width, height)), or Skipped naming why not (missing / corrupt;
+    load_image's size guards apply). `draft_side`: decode JPEGs at reduced scale down to that short side
+    (`load_image_reduced`, the opt-in fast path; other pixels than the exact path's)."""
     try:
-        return load_image(source)
+        if draft_side is not None:
+            return load_image_reduced(source, draft_side)
+        image = load_image(source)
+        return image, image.size
     except FileNotFoundError:
         return Skipped("missing_image", name)
     except (ImageLoadError, OSError, ValueError) as e:
         return Skipped("corrupt_image", f"{name}: {str(e)[:160]}")
 
 
-def _row(item: Item, image: Any, transform: Callable | None) -> dict[str, Any]:
+def _row(
+    item: Item, opened: tuple[Any, tuple[int, int]] | None, transform: Callable | None
+) -> dict[str, Any]:
     row: dict[str, Any] = {"key": item.key, "path": item.path, "caption": item.caption}
-    if image is not None:
-        row["width"], row["height"] = image.size
+    if opened is not None:
+        image, (row["width"], row["height"]) = opened
         row["pixels"] = transform(image) if transform is not None else image
     return row
 
 
 class ItemImages(Dataset):
     """Map-style: item i -> {"key", "path", "caption", "width", "height", "pixels"} or (key, Skipped).
-    With `images=False` no file is opened (text-only embedding)."""
+    With `images=False` no file is opened (text-only embedding); `draft_side`: see `open_image`."""
 
-    def __init__(self, items: Sequence[Item], transform: Callable | None, images: bool = True) -> None:
+    def __init__(
+        self,
+        items: Sequence[Item],
+        transform: Callable | None,
+        images: bool = True,
+        draft_side: int | None = None,
+    ) -> None:
         self.items, self.transform, self.images = list(items), transform, images
+        self.draft_side = draft_side
 
     def __len__(self) -> int:
         return len(self.items)
@@ -157,7 +170,7 @@ class ItemImages(Dataset):
         item = self.items[i]
         if not self.images:
             return _row(item, None, None)
-        image = open_image(item.path, item.key)
+        image = open_image(item.path, item.key, self.draft_side)
         if isinstance(image, Skipped):
             return item.key, image
         return _row(item, image, self.transform)
@@ -168,10 +181,16 @@ class ShardImages(IterableDataset):
     `<shard file name>/<sample key>`; keys in `done` are passed over before any decoding."""
 
     def __init__(
-        self, urls: str | Sequence[str], transform: Callable | None, done: set[str], images: bool = True
+        self,
+        urls: str | Sequence[str],
+        transform: Callable | None,
+        done: set[str],
+        images: bool = True,
+        draft_side: int | None = None,
     ) -> None:
         self.urls = shard_urls(urls)
         self.transform, self.done, self.images = transform, done, images
+        self.draft_side = draft_side
 
     def __iter__(self) -> Iterator[dict[str, Any] | tuple[str, Skipped]]:
         info = get_worker_info()
@@ -198,7 +217,7 @@ class ShardImages(IterableDataset):
             if ext is None:
                 yield key, Skipped("no_image", key)
                 continue
-            image = open_image(io.BytesIO(sample[ext]), f"{key}.{ext}")
+            image = open_image(io.BytesIO(sample[ext]), f"{key}.{ext}", self.draft_side)
             yield (key, image) if isinstance(image, Skipped) else _row(item, image, self.transform)
         while errors:
             yield "", Skipped("corrupt_shard", str(errors.pop())[:160])
@@ -210,5 +229,7 @@ def collate_rows(batch: Sequence[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"skipped": [b for b in batch if not isinstance(b, dict)]}
     for field in ("key", "path", "caption", "width", "height"):
         out[field] = [b.get(field) for b in good]
-    out["pixels"] = torch.stack([b["pixels"] for b in good]) if good and "pixels" in good[0] else None
+    # default_collate stacks straight into shared memory inside a DataLoader worker; a plain torch.stack
+    # would be copied there once more when the batch is sent to the main process.
+    out["pixels"] = default_collate([b["pixels"] for b in good]) if good and "pixels" in good[0] else None
     return out
