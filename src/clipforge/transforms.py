@@ -503,16 +503,21 @@ class FastTrainTransform(TrainTransform):
             return torch.from_numpy(arr).permute(2, 0, 1)  # a (3, S, S) view; the batch's stack copies
         x0, x1, px, mx, sx = _resize_plan(box[0], box[2], img.size[0], n)
         y0, y1, py, my, sy = _resize_plan(box[1], box[3], img.size[1], n)
-        pixels = np.array(img.crop((x0, y0, x1, y1)))  # (h, w, 3): the region, one copy out of PIL
+        # The region as RGBX, PIL's own 4-byte pixels (a row copy, no packing), which torch's kernel would
+        # otherwise unpack RGB into; read-only bytes, which the kernel only reads
+        region = img.crop((x0, y0, x1, y1))
+        pixels = np.frombuffer(region.tobytes("raw", "RGBX"), np.uint8).reshape(*region.size[::-1], 4)
         if px or py:  # edge copies before the first row/column (cheaper than torch's replicate pad)
-            padded = np.empty((pixels.shape[0] + py, pixels.shape[1] + px, 3), np.uint8)
+            padded = np.empty((pixels.shape[0] + py, pixels.shape[1] + px, 4), np.uint8)
             padded[py:, px:] = pixels
             padded[:py, px:] = pixels[:1]
             padded[:, :px] = padded[:, px : px + 1]
             pixels = padded
-        # (1, 3, h, w) in channels-last memory, the layout torch's uint8 kernel runs fastest on
-        out = kernel(torch.from_numpy(pixels).permute(2, 0, 1)[None], [my + n, mx + n], False, 1 / sy, 1 / sx)
-        return out[0, :, my:, mx:]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's warning about a read-only array
+            x = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, 4, h, w), channels-last memory
+        out = kernel(x, [my + n, mx + n], False, 1 / sy, 1 / sx)
+        return out[0, :3, my:, mx:]
 
     def __repr__(self) -> str:
         return (
