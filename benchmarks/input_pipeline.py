@@ -18,14 +18,17 @@ RandomResizedCrop(S, scale=(0.9, 1)) (OpenCLIP's default), at 64, 224 and 336 px
   tensor / 255), Normalize (sub_, div_), collate (torch.stack);
 - exact: clipforge's `TrainTransform` (the same pixels as torchvision's rules, float output);
 - fast: clipforge's `FastTrainTransform` (data.fast_decode=true): JPEG decoded at 1/2 or 1/4 scale when
-  the crop allows, only the crop box resized, uint8 out; normalisation happens on the device in the step
-  (its CPU cost, shown as `norm_dev_ms`, is not counted in the pipeline's samples/s).
+  the crop allows, only the crop box resized (torch's antialiased uint8 kernel, PIL's bicubic filter)
+  straight into a uint8 tensor; normalisation happens on the device in the step (its CPU cost, shown as
+  `norm_dev_ms`, is not counted in the pipeline's samples/s).
 
 Two measurements per row. `ms/sample` columns: the stages timed one by one in a single loop over the
 samples (read = tar iteration, decode, resize, crop, to_tensor, normalise, collate; for the fast path the
-crop is part of the resize). `samples/s/core`: the real streams end to end, untimed inside: webdataset's
-own pipeline for the baseline, clipforge's WebDataset source + batch stream for exact and fast (captions
-tokenised in all three), samples per CPU-second of this process (with --threads 1 one core).
+crop and the copy into a tensor are part of the resize, and there is no normalise). `samples/s/core`:
+the real streams end to end, untimed inside: webdataset's own pipeline for the baseline, clipforge's
+WebDataset source + batch stream for exact and fast (captions tokenised in all three; clipforge's
+streams also seed each sample's crop, data/seeding.py), samples per CPU-second of this process (with
+--threads 1 one core).
 
 `--train`: `clipforge train`'s trainer (build_trainer, data.kind=webdataset) on a small model: samples/s
 of Trainer.train_step over batches already in memory, of the data stream alone (workers=0), and of
@@ -217,8 +220,7 @@ def staged(pipeline: str, mode: str, size: int, urls: list[str], batch: int, clo
             x = st.run("resize", exact, img)  # resize + crop + tensor + normalise, one call
         else:
             img, box = st.run("decode", fast.decode, EncodedImage(data, "x.jpg"))
-            img = st.run("resize", fast.crop_resize, img, box)  # crop box only
-            x = st.run("to_tensor", fast.to_uint8, img)
+            x = st.run("resize", fast.crop_resize, img, box)  # crop box only, straight to a uint8 tensor
         out.append(x)
         n += 1
         if len(out) == batch:

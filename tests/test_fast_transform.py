@@ -1,10 +1,12 @@
 """The fast training path (transforms.FastTrainTransform): the exact path's crops within a stated pixel
-tolerance, the same random draws, reduced-scale JPEG decoding actually used, uint8 batches normalised by
-the step exactly as the float path, and corrupt images counted in a shard stream."""
+tolerance, the same random draws, reduced-scale JPEG decoding actually used, the torch resize computing
+PIL's filter on PIL's crop geometry, uint8 batches normalised by the step exactly as the float path,
+corrupt images counted in a shard stream, and the per-sample seeding the streams use."""
 
 from __future__ import annotations
 
 import io
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ import torch
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
+import clipforge.transforms as transforms
 from clipforge.data.drawing import photo_like
+from clipforge.data.seeding import forked_rng
 from clipforge.models import create_model
 from clipforge.train.step import contrastive_step
 from clipforge.transforms import (
@@ -28,8 +32,8 @@ from clipforge.transforms import (
 from helpers import random_batch
 
 # Bounds over 6 photo-like 400-800 px JPEGs (quality 90), per image: mean absolute difference in 0-255
-# levels and PSNR against the exact path's crop. Measured worst cases: 64 px 3.5 / 33.7 dB (1/4-scale
-# decode), 224 px 1.9 / 38.4 dB (1/2-scale decode).
+# levels and PSNR against the exact path's crop (FastTrainTransform's docstring states them). Measured
+# worst cases: 64 px 3.5 / 33.8 dB (1/4-scale decode), 224 px 1.9 / 38.4 dB (1/2-scale decode).
 TOLERANCE = {64: (4.5, 31.0), 224: (2.5, 35.0)}
 
 
@@ -184,3 +188,77 @@ def test_trainer_with_fast_decode_trains_on_uint8_batches(photos, tmp_path):
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, 32, 32)
     loss, applied = built.trainer.train_step(batch)
     assert applied and np.isfinite(loss)
+
+
+def _pil_box(img: Image.Image, box, n: int, resample=Image.Resampling.BICUBIC) -> torch.Tensor:
+    return torch.from_numpy(np.array(img.resize((n, n), resample, box=box))).permute(2, 0, 1).int()
+
+
+def test_resize_plan_keeps_pils_crop_geometry():
+    """torch's kernel starts on a whole pixel; the plan's margin puts output m + i on PIL's centre for
+    output i to within half a pixel (median ~0.05), with the filter's support inside the region read."""
+    rng = np.random.default_rng(0)
+    shifts = []
+    for _ in range(3000):
+        n = int(rng.choice([64, 224, 336]))
+        length = int(rng.integers(n, 4 * n))
+        span = float(rng.uniform(n, length))
+        a0 = 0.0 if rng.random() < 0.1 else float(rng.uniform(0, length - span))
+        start, end, pad, m, s = transforms._resize_plan(a0, a0 + span, length, n)
+        assert s == pytest.approx(span / n) and pad >= 0 and (pad == 0 or start == 0)
+        shift = abs(start - pad + m * s - a0)  # where output m's centre falls, against PIL's output 0
+        assert shift <= 0.5 + 1e-9
+        assert m >= 2 or (a0 == 0 and shift == 0)  # a margin, or the image's first pixel (PIL clamps too)
+        assert end == length or end >= start - pad + (m + n + 2) * s  # the last output's support is read
+        shifts.append(shift)
+    assert np.median(shifts) < 0.1
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        (0.0, 0.0, 520.0, 440.0),  # the whole image: no margin
+        (3.0, 0.0, 339.0, 336.0),  # x needs a margin (2 outputs at s = 1.5)
+        (0.5, 1.75, 280.5, 281.75),  # margins before the first pixel: edge-padded
+        (100.0, 90.0, 436.0, 426.0),
+        (0.0, 0.0, 224.0, 224.0),  # no resize at all
+    ],
+)
+@pytest.mark.parametrize("interpolation, mean_max", [("bicubic", 0.01), ("bilinear", 0.1)])
+def test_torch_resize_is_pils_filter(box, interpolation, mean_max):
+    """Where the plan's shift is zero, the torch path gives PIL's `resize(box=...)` to within the weight
+    rounding: at most 2 levels, the mean under 0.01 (bicubic, the default) or 0.1 (bilinear), edge-padded
+    starts included (where PIL clamps the filter instead)."""
+    if transforms._torch_aa_kernel(interpolation) is None:
+        pytest.skip("this torch has no antialiased uint8 resize (the fast path uses PIL)")
+    img = photo_like(520, 440, 3)
+    fast = transforms.FastTrainTransform(transforms.PreprocessConfig(224, interpolation=interpolation))
+    out = fast.crop_resize(img, box)
+    assert out.dtype == torch.uint8 and out.shape == (3, 224, 224)
+    d = (out.int() - _pil_box(img, box, 224, transforms.INTERPOLATIONS[interpolation])).abs()
+    assert d.max() <= 2 and d.float().mean() < mean_max, (d.max(), d.float().mean())
+
+
+def test_pil_resize_where_torch_does_not_apply():
+    """Other filters, and crops smaller than S (enlarged), are resized by PIL itself: identical pixels."""
+    img = photo_like(300, 260, 5)
+    lanczos = transforms.FastTrainTransform(transforms.PreprocessConfig(64, interpolation="lanczos"))
+    box = (10.5, 3.25, 250.5, 200.0)
+    assert torch.equal(lanczos.crop_resize(img, box).int(), _pil_box(img, box, 64, Image.Resampling.LANCZOS))
+    small = (20.0, 30.5, 120.0, 180.0)  # 100 x 150 pixels to 224 x 224
+    assert torch.equal(fast_train_transform(224).crop_resize(img, small).int(), _pil_box(img, small, 224))
+
+
+def test_forked_rng_seeds_the_cpu_generator_and_restores_it():
+    """The per-sample seeding of the shard streams: torch's CPU generator as torch.manual_seed sets it,
+    Python's and NumPy's too, all restored afterwards."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    with forked_rng(7):
+        inside = torch.rand(3), np.random.rand(), random.random()
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    assert torch.equal(inside[0], torch.rand(3))
+    assert inside[1] == np.random.rand() and inside[2] == random.random()
