@@ -10,7 +10,12 @@ at most the budget / count bytes). The vectors are unit norm, so inner product i
 are reranked with the exact vectors memory-mapped from the embedding parts (scores stay exact cosines,
 recall stays high, memory stays that of the codes).
 
-Files: DIR/index/<modality>.json (kind, parameters, parts indexed, count, the index file's name),
+An approximate index is tuned after it is built or has grown (tune.py): the smallest efSearch / nprobe
+and rerank depth reaching a target recall@10 against exact search are stored and become the Searcher's
+defaults.
+
+Files: DIR/index/<modality>.json (kind, parameters, parts indexed, count, the index file's name, the
+tuned search parameters),
 the index file it names (<modality>.<version>.faiss, replaced as a whole on every change) and
 <modality>.deleted.npy (deleted ids: removed from flat and IVF indexes; HNSW cannot remove, so its
 searches filter them).
@@ -107,9 +112,15 @@ def build_index(
     modality: str = "image",
     kind: str = "auto",
     max_memory: str | int = "4G",
+    target_recall: float | None = None,
+    tune: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Create the index, or add the parts embedded since the last call; returns the index's JSON."""
+    """Create the index, or add the parts embedded since the last call; returns the index's JSON.
+
+    An approximate index is then tuned (`tune.tune_search`) when `target_recall` is given, or for the
+    target it was tuned for before (else 0.95) when it is new or grew by more than 10% since;
+    `tune=False` skips that (the Searcher then keeps its previous or fixed defaults)."""
     import faiss
 
     if kind not in KINDS:
@@ -165,6 +176,12 @@ def build_index(
             print(f"indexed {part['name']}: {int(keep.sum())} vectors")
     info["count"] = int(index.ntotal)
     _commit(directory, modality, index, info)
+    if tune:
+        from .tune import DEFAULT_TARGET_RECALL, needs_tuning, tune_search  # tune imports this module
+
+        if needs_tuning(info, target_recall):
+            target = target_recall or info.get("search", {}).get("target_recall", DEFAULT_TARGET_RECALL)
+            info = tune_search(directory, modality, target, progress=progress)
     return info
 
 
