@@ -35,7 +35,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-data", default="uniform,clustered", help="uniform and/or clustered")
     p.add_argument("--index-kinds", default="flat,hnsw,ivfpq")
     p.add_argument("--target-recall", type=float, default=0.95)
-    p.add_argument("--tune-max-s", type=float, default=90.0, help="cap on each tuning sweep")
+    p.add_argument("--tune-max-s", type=float, default=60.0, help="cap on each tuning sweep")
     p.add_argument(
         "--hnsw-max-build-s",
         type=float,

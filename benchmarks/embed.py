@@ -18,10 +18,12 @@ One run, same JPEG files, same weights, same machine:
     python benchmarks/embed.py --quick               # tiny sizes: checks that everything runs
     python benchmarks/embed.py --sections search --index-sizes 100000 --search-data clustered
 
-Section 2's full run is estimated (from faiss' costs, not yet measured) at 15-20 minutes on 2 cores:
-per set, the HNSW build at 100k (~110 s), the IVF-PQ build at 1M (k-means of 4,000 lists, ~3 min) and
-its tuning sweep (capped by --tune-max-s); HNSW at 1M is skipped by --hnsw-max-build-s. Each section's
-time and the total are printed; --sections, --index-sizes and --search-data run a part of it.
+Section 2's full run is estimated (from faiss' costs and the 100k builds, not yet measured) at about
+20 minutes on 2 cores: per set, the HNSW build at 100k (~110 s), the IVF-PQ build at 1M (~5 min:
+k-means of 4,000 lists on 256k vectors, then 1M assignments; 33 s at 100k) and each tuning sweep
+(capped by --tune-max-s); HNSW at 1M is skipped by --hnsw-max-build-s. Each section's time and the
+total are printed; --sections, --index-sizes and --search-data run a part (`--search-data uniform`
+saves about half of section 2).
 
 Prints tables and writes benchmarks/results/embed.json. Whether the CPU has bf16 matrix instructions
 (AMX / AVX512-BF16) is recorded in the JSON: bf16 is only expected to be faster where it does.

@@ -229,3 +229,10 @@ def test_cli_tunes_on_demand(tmp_path, capsys):
     out = capsys.readouterr().out
     tuned = json.loads((tmp_path / "e" / "index" / "image.json").read_text())["search"]
     assert f"search defaults {{'ef_search': {tuned['ef_search']}}}" in out and tuned["target_recall"] == 0.9
+
+
+def test_flat_index_needs_no_tuning(tmp_path):
+    synthetic_dir(tmp_path / "e", 300)
+    assert "search" not in build_index(tmp_path / "e")  # flat: exact, nothing to tune
+    tuned = tune_search(tmp_path / "e", target_recall=0.99)["search"]
+    assert tuned["recall@10"] == 1.0 and tuned["reached"]

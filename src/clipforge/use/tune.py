@@ -129,14 +129,19 @@ def tune_search(
         raise ValueError(f"target recall {target_recall} is not in (0, 1]: use e.g. 0.95")
     directory = Path(directory)
     t_start = time.perf_counter()
-    s = Searcher(directory, modality)
     info_path = _paths(directory, modality)[1]
-    info = s.info
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"no {modality} index in {directory}: run `clipforge index {directory}` first"
+        )
+    info = json.loads(info_path.read_text(encoding="utf-8"))
     record: dict[str, Any] = {"target_recall": target_recall, "count": info["count"]}
-    if info["kind"] == "flat":  # exact: nothing to tune
+    if info["kind"] == "flat":  # exact: nothing to tune (and no need to load the index)
         info["search"] = {**record, "recall@10": 1.0, "reached": True}
         write_json_atomic(info_path, info)
         return info
+    s = Searcher(directory, modality)
+    info = s.info
 
     deleted = read_deleted(directory, modality)
     pool = _indexed_ids(s.store, info, deleted)
