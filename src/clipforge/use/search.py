@@ -19,7 +19,7 @@ import numpy as np
 
 from ..transforms import load_image
 from .encoders import Encoder, open_encoder
-from .index import _paths, read_deleted
+from .index_files import index_paths, read_deleted
 from .store import EmbeddingStore
 
 
@@ -52,7 +52,7 @@ class Searcher:
         self.dir = Path(directory)
         self.store = EmbeddingStore(self.dir)
         self.modality = modality
-        index_path, info_path, _ = _paths(self.dir, modality)
+        index_path, info_path, _ = index_paths(self.dir, modality)
         if not info_path.is_file():
             raise FileNotFoundError(
                 f"no {modality} index in {self.dir}: run `clipforge index {self.dir}` first"

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .index import _paths, read_deleted
+from .index_files import index_paths, read_deleted
 from .search import Searcher
 from .store import EmbeddingStore, write_json_atomic
 
@@ -129,7 +129,7 @@ def tune_search(
         raise ValueError(f"target recall {target_recall} is not in (0, 1]: use e.g. 0.95")
     directory = Path(directory)
     t_start = time.perf_counter()
-    info_path = _paths(directory, modality)[1]
+    info_path = index_paths(directory, modality)[1]
     if not info_path.is_file():
         raise FileNotFoundError(
             f"no {modality} index in {directory}: run `clipforge index {directory}` first"
