@@ -11,14 +11,23 @@ One run, same JPEG files, same weights, same machine:
      because it changes pixels; min cosine to our exact fp32).
    Both sides build their model before the clock starts (the baseline from the state dict in memory,
    ours with `open_encoder` from the checkpoint on disk); our load time is reported beside each row.
-2. Search latency p50/p99 (one query at a time) for flat / HNSW / IVF-PQ over synthetic unit vectors,
-   with recall@10 against exact search.
+2. Search latency p50/p99 (one query at a time) for flat / HNSW / IVF-PQ over synthetic unit vectors
+   (uniform: the worst case; clustered: closer to real embeddings), with recall@10 against exact search,
+   at each index's fixed defaults and at the parameters tuned for recall@10 >= 0.95 (see _search.py).
 3. `classify` over N images x L labels with the labels embedded once vs HF pipeline semantics (every
    label re-encoded for every image, one image per forward).
 
     python benchmarks/embed.py                       # ViT-B-32, 512 640x480 JPEGs, 100k and 1M vectors,
                                                      # classify 1000 images x 100 labels
     python benchmarks/embed.py --quick               # tiny sizes: checks that everything runs
+    python benchmarks/embed.py --sections search --index-sizes 100000 --search-data clustered
+
+Section 2's full run is estimated (from faiss' costs and the 100k builds, not yet measured) at about
+20 minutes on 2 cores: per set, the HNSW build at 100k (~110 s), the IVF-PQ build at 1M (~5 min:
+k-means of 4,000 lists on 256k vectors, then 1M assignments; 33 s at 100k) and each tuning sweep
+(capped by --tune-max-s); HNSW at 1M is skipped by --hnsw-max-build-s. Each section's time and the
+total are printed; --sections, --index-sizes and --search-data run a part (`--search-data uniform`
+saves about half of section 2).
 
 Prints tables and writes benchmarks/results/embed.json. Whether the CPU has bf16 matrix instructions
 (AMX / AVX512-BF16) is recorded in the JSON: bf16 is only expected to be faster where it does.
@@ -42,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, write_json
+from _search import SEARCH_COLUMNS, add_search_args, bench_search
 from clipforge import create_model, save_pretrained
 from clipforge.checkpoints import convert_clipforge_to_openai
 from clipforge.tokenizer import Tokenizer
@@ -219,76 +229,7 @@ def bench_embedding(args, work: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ 2. search
-def bench_search(args, work: Path) -> list[dict]:
-    from clipforge.use.embedder import write_part
-    from clipforge.use.index import build_index
-    from clipforge.use.search import Searcher
-    from clipforge.use.store import FORMAT, write_json_atomic
-
-    rows = []
-    rng = np.random.default_rng(0)
-    for n in args.index_sizes:
-        d = work / f"vectors_{n}"
-        d.mkdir()
-        x = rng.standard_normal((n, args.dim), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        meta = {k: [None] * n for k in ("path", "caption", "width", "height")}
-        write_part(
-            d,
-            "part-00000",
-            0,
-            {"key": [str(i) for i in range(n)], **meta},
-            {"image": [x.astype(np.float16)]},
-            [],
-        )
-        manifest = {
-            "format": FORMAT,
-            "version": 1,
-            "model": {"fingerprint": "synthetic", "source": "none"},
-            "dim": args.dim,
-            "dtype": "float16",
-            "modality": "image",
-            "modalities": ["image"],
-            "parts": [{"name": "part-00000", "rows": n, "first_id": 0, "skipped": {}}],
-            "count": n,
-            "skipped": {},
-            "input_skipped": {},
-            "complete": True,
-        }
-        write_json_atomic(d / "manifest.json", manifest)
-        queries = x[rng.choice(n, args.queries, replace=False)] + 0.5 * rng.standard_normal(
-            (args.queries, args.dim), dtype=np.float32
-        ) / np.sqrt(args.dim)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-        exact = None
-        for kind in ("flat", "hnsw", "ivfpq"):
-            import shutil
-
-            shutil.rmtree(d / "index", ignore_errors=True)
-            t0 = time.perf_counter()
-            build_index(d, kind=kind)
-            build_s = time.perf_counter() - t0
-            s = Searcher(d)
-            lat, found = [], []
-            for q in queries:
-                t0 = time.perf_counter()
-                hits = s.search(q[None], k=10)[0]
-                lat.append(time.perf_counter() - t0)
-                found.append([h["id"] for h in hits])
-            if kind == "flat":
-                exact = found
-            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
-            rows.append(
-                {
-                    "vectors": n,
-                    "index": kind,
-                    "build_s": build_s,
-                    "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-                    "p99_ms": 1e3 * float(np.percentile(lat, 99)),
-                    "recall@10": recall,
-                }
-            )
-    return rows
+# in _search.py (bench_search, its arguments and columns)
 
 
 # ------------------------------------------------------------------------------------------ 3. classify
@@ -334,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--index-sizes", default="100000,1000000")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--queries", type=int, default=200)
+    add_search_args(p)
     p.add_argument("--classify-images", type=int, default=1000)
     p.add_argument("--labels", type=int, default=100)
     p.add_argument(
@@ -345,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         default=100,
         help="images the HF-pipeline-semantics loop times (it re-encodes every label per image: ~0.5 s each)",
     )
+    p.add_argument("--sections", default="embed,search,classify", help="which sections to run")
     p.add_argument("--quick", action="store_true", help="tiny sizes (tiny-vit, 32 images, 5k vectors)")
     p.add_argument("--out", default="embed.json")
     args = p.parse_args(argv)
@@ -352,45 +292,71 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.images, args.index_sizes, args.dim = "tiny-vit", 32, "5000", 64
         args.queries, args.classify_images, args.labels, args.workers = 20, 16, 10, 0
         args.photo_size = "320x240"
-    args.index_sizes = [int(s) for s in str(args.index_sizes).split(",")]
     args.photo_size = tuple(int(v) for v in str(args.photo_size).lower().split("x"))
+    args.index_sizes = sorted(int(s) for s in str(args.index_sizes).split(","))
+    args.search_data = args.search_data.split(",")
+    args.index_kinds = args.index_kinds.split(",")
+    sections = args.sections.split(",")
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    emb = search = cls = None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        emb = bench_embedding(args, work)
-        print(
-            f"\nEmbedding {args.images} JPEG files of {args.photo_size[0]}x{args.photo_size[1]} with "
-            f"{args.model} (decode + preprocess + model + write):"
-        )
-        print(
-            format_table(
-                emb,
-                [
-                    "row",
-                    "images_per_s",
-                    "vs_baseline",
-                    "load_s",
-                    "max_abs_diff_to_baseline",
-                    "min_cosine_to_fp32",
-                ],
+        if "embed" in sections:
+            t0 = time.perf_counter()
+            emb = bench_embedding(args, work)
+            seconds["embed"] = time.perf_counter() - t0
+            print(
+                f"\nEmbedding {args.images} JPEG files of {args.photo_size[0]}x{args.photo_size[1]} with "
+                f"{args.model} (decode + preprocess + model + write), {seconds['embed']:.0f} s:"
             )
-        )
-        search = bench_search(args, work)
-        print(f"\nSearch latency, one query at a time, d = {args.dim}:")
-        print(format_table(search, ["vectors", "index", "build_s", "p50_ms", "p99_ms", "recall@10"]))
-        cls = bench_classify(args, work)
-        print("\nZero-shot classify:")
-        print(format_table(cls, ["mode", "images", "labels", "images_per_s"]))
+            print(
+                format_table(
+                    emb,
+                    [
+                        "row",
+                        "images_per_s",
+                        "vs_baseline",
+                        "load_s",
+                        "max_abs_diff_to_baseline",
+                        "min_cosine_to_fp32",
+                    ],
+                )
+            )
+        if "search" in sections:
+            t0 = time.perf_counter()
+            search = bench_search(args, work)
+            seconds["search"] = time.perf_counter() - t0
+            print(
+                f"\nSearch latency, one query at a time, d = {args.dim}, recall@10 on fresh queries "
+                f"({seconds['search']:.0f} s):"
+            )
+            print(format_table(search, SEARCH_COLUMNS))
+        if "classify" in sections:
+            t0 = time.perf_counter()
+            cls = bench_classify(args, work)
+            seconds["classify"] = time.perf_counter() - t0
+            print(f"\nZero-shot classify ({seconds['classify']:.0f} s):")
+            print(format_table(cls, ["mode", "images", "labels", "images_per_s"]))
+    seconds["total"] = time.perf_counter() - start
     path = write_json(
         args.out,
         {
             "args": vars(args),
             "bf16_matrix_instructions": bf16_matrix_flags(),
+            "seconds": seconds,
             "embedding": emb,
             "search": search,
+            "search_data": {
+                "uniform": "isotropic Gaussian directions (worst case for approximate indexes)",
+                "clustered": "1,000 Gaussian clusters, points centre + N(0, I), normalised (closer to "
+                "real embeddings)",
+                "queries": "fresh draws of the same distribution, not indexed; recall@10 vs exact numpy",
+            },
             "classify": cls,
         },
     )
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path}; total {seconds['total']:.0f} s")
     return 0
 
 

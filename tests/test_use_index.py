@@ -1,8 +1,10 @@
 """clipforge.use index + search: kind chosen from count and memory, approximate indexes keep >= 0.95 of the
-exact top-10, incremental add without rebuild, deletion, search by text / image / id / vector, dedup."""
+exact top-10 (tuned for it on build), incremental add without rebuild, deletion, search by text / image /
+id / vector, dedup."""
 
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from clipforge.use.embedder import write_part
 from clipforge.use.index import build_index, choose_kind, delete_ids, parse_memory
 from clipforge.use.search import Searcher
 from clipforge.use.store import FORMAT, write_json_atomic
+from clipforge.use.tune import needs_tuning, tune_search
 from use_helpers import tiny_checkpoint, write_images
 
 
@@ -132,3 +135,104 @@ def test_search_by_text_image_id_and_dedup(tmp_path):
     assert by_id["id"] == by_text[0]["id"]
     with pytest.raises(ValueError, match="exactly one"):
         s.query(text="a", id=1)
+
+
+def recall_at_10(searcher, q, x):
+    """recall@10 of the searcher's hits against a numpy exact top-10 (independent of the tuner's code)."""
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    hits = searcher.search(q, k=10)
+    return float(np.mean([len({h["id"] for h in hs} & set(e.tolist())) / 10 for hs, e in zip(hits, exact)]))
+
+
+def fresh_queries(n, dim, seed):
+    """New points of synthetic_dir's distribution (seed 0: the same cluster centres), none of them indexed,
+    and the same points moved far off the data (cosine ~0.5 to where they were, like text queries)."""
+    centres = np.random.default_rng(0).normal(size=(50, dim))  # synthetic_dir's first draw
+    rng = np.random.default_rng(seed)
+    near = centres[rng.integers(0, 50, n)] + 0.5 * rng.normal(size=(n, dim))
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    far = near + rng.normal(size=(n, dim)) * (1.73 / np.sqrt(dim))
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    return near.astype(np.float32), far.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_tuned_index_reaches_target_on_fresh_queries(tmp_path, kind):
+    x = synthetic_dir(tmp_path / "e", 6_000)
+    info = build_index(tmp_path / "e", kind=kind)
+    tuned = json.loads((tmp_path / "e" / "index" / "image.json").read_text())["search"]
+    assert tuned == info["search"] and tuned["reached"] and tuned["target_recall"] == 0.95
+    assert tuned["count"] == 6_000 and tuned["queries"] == 300 and tuned["recall@10"] >= 0.95
+    names = ("ef_search",) if kind == "hnsw" else ("nprobe", "rerank")
+    # the smallest values of the sweep that reached the target (recall less 2 standard errors): every
+    # smaller ef_search, every smaller nprobe (at the deepest rerank) and every smaller rerank fell short
+    assert {n: tuned["tried"][-1][n] for n in names} == {n: tuned[n] for n in names}
+    assert tuned["recall@10"] - 2 * tuned["stderr"] >= 0.95
+    smaller = [t for t in tuned["tried"] if tuple(t[n] for n in names) < tuple(tuned[n] for n in names)]
+    assert smaller and all(t["recall@10"] - 2 * t["stderr"] < 0.95 for t in smaller)
+    s = Searcher(tmp_path / "e")
+    if kind == "hnsw":
+        import faiss
+
+        assert faiss.downcast_index(s.index.index).hnsw.efSearch == tuned["ef_search"] < 256
+    else:
+        assert (s.index.nprobe, s.rerank) == (tuned["nprobe"], tuned["rerank"])
+        assert tuned["nprobe"] < info["params"]["nlist"]
+    for q in fresh_queries(300, 32, seed=7):
+        assert recall_at_10(s, q, x) >= 0.95
+
+
+def test_explicit_search_parameters_override_tuned(tmp_path):
+    import faiss
+
+    synthetic_dir(tmp_path / "e", 3_000)
+    build_index(tmp_path / "e", kind="ivfpq")
+    s = Searcher(tmp_path / "e", nprobe=5, rerank=3)
+    assert (s.index.nprobe, s.rerank) == (5, 3)
+    shutil.rmtree(tmp_path / "e" / "index")
+    info = build_index(tmp_path / "e", kind="hnsw", target_recall=0.8)
+    assert info["search"]["target_recall"] == 0.8
+    s = Searcher(tmp_path / "e", ef_search=300)
+    assert faiss.downcast_index(s.index.index).hnsw.efSearch == 300
+    s = Searcher(tmp_path / "e")
+    assert faiss.downcast_index(s.index.index).hnsw.efSearch == info["search"]["ef_search"]
+
+
+def test_tuning_is_bounded_and_says_when_short(tmp_path, capsys):
+    synthetic_dir(tmp_path / "e", 2_000)
+    build_index(tmp_path / "e", kind="hnsw", tune=False)
+    assert "search" not in json.loads((tmp_path / "e" / "index" / "image.json").read_text())
+    info = tune_search(tmp_path / "e", target_recall=1.0, max_seconds=0.0)
+    assert not info["search"]["reached"] and len(info["search"]["tried"]) == 1
+    assert "< target 1.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="target recall"):
+        tune_search(tmp_path / "e", target_recall=1.5)
+
+
+def test_retune_only_when_asked_or_grown():
+    tuned = {"kind": "hnsw", "count": 1_000, "search": {"target_recall": 0.95, "count": 1_000}}
+    assert not needs_tuning(tuned, None)
+    assert not needs_tuning({**tuned, "count": 1_050}, None)  # a small add keeps the tuned values
+    assert needs_tuning({**tuned, "count": 1_200}, None)
+    assert needs_tuning(tuned, 0.95)  # asked for
+    assert needs_tuning({"kind": "ivfpq", "count": 1_000}, None)  # never tuned
+    assert not needs_tuning({"kind": "flat", "count": 1_000}, 0.95)  # exact
+
+
+def test_cli_tunes_on_demand(tmp_path, capsys):
+    from clipforge.cli import main
+
+    synthetic_dir(tmp_path / "e", 2_000)
+    assert main(["index", str(tmp_path / "e"), "--kind", "hnsw", "--no-tune"]) == 0
+    assert "search defaults" not in capsys.readouterr().out
+    assert main(["index", str(tmp_path / "e"), "--target-recall", "0.9"]) == 0  # nothing new: tunes only
+    out = capsys.readouterr().out
+    tuned = json.loads((tmp_path / "e" / "index" / "image.json").read_text())["search"]
+    assert f"search defaults {{'ef_search': {tuned['ef_search']}}}" in out and tuned["target_recall"] == 0.9
+
+
+def test_flat_index_needs_no_tuning(tmp_path):
+    synthetic_dir(tmp_path / "e", 300)
+    assert "search" not in build_index(tmp_path / "e")  # flat: exact, nothing to tune
+    tuned = tune_search(tmp_path / "e", target_recall=0.99)["search"]
+    assert tuned["recall@10"] == 1.0 and tuned["reached"]

@@ -23,6 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory", default="4G", help="memory budget for the index (e.g. 4G, 512M)")
     p.add_argument("--modality", choices=("image", "text"), default="image")
     p.add_argument("--delete", default=None, help="comma-separated row ids to delete from the index")
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=None,
+        help="tune HNSW efSearch / IVF-PQ nprobe and rerank for this recall@10 against exact search "
+        "(done anyway for a new or much grown index, at the previous target or 0.95)",
+    )
+    p.add_argument("--no-tune", action="store_true", help="do not tune the search parameters")
     p.set_defaults(func=run_index)
 
     s = sub.add_parser(
@@ -51,10 +59,24 @@ def run_index(args: argparse.Namespace) -> int:
         n = delete_ids(args.dir, ids, args.modality)
         print(f"deleted {n} ids from {args.dir} ({len(ids) - n} were already deleted)")
         return 0
-    info = build_index(args.dir, modality=args.modality, kind=args.kind, max_memory=args.max_memory)
+    info = build_index(
+        args.dir,
+        modality=args.modality,
+        kind=args.kind,
+        max_memory=args.max_memory,
+        target_recall=args.target_recall,
+        tune=not args.no_tune,
+    )
     print(
         f"{args.dir}: {info['kind']} index of {info['count']} {args.modality} vectors {info['params'] or ''}"
     )
+    tuned = info.get("search")
+    if tuned and info["kind"] != "flat":
+        values = {k: tuned[k] for k in ("ef_search", "nprobe", "rerank") if k in tuned}
+        print(
+            f"search defaults {values}: recall@10 {tuned['recall@10']} (target {tuned['target_recall']}, "
+            f"{tuned['queries']} queries{'' if tuned['reached'] else ', NOT reached'})"
+        )
     return 0
 
 

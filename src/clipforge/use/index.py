@@ -10,7 +10,12 @@ at most the budget / count bytes). The vectors are unit norm, so inner product i
 are reranked with the exact vectors memory-mapped from the embedding parts (scores stay exact cosines,
 recall stays high, memory stays that of the codes).
 
-Files: DIR/index/<modality>.json (kind, parameters, parts indexed, count, the index file's name),
+An approximate index is tuned after it is built or has grown (tune.py): the smallest efSearch / nprobe
+and rerank depth reaching a target recall@10 against exact search are stored and become the Searcher's
+defaults.
+
+Files: DIR/index/<modality>.json (kind, parameters, parts indexed, count, the index file's name, the
+tuned search parameters),
 the index file it names (<modality>.<version>.faiss, replaced as a whole on every change) and
 <modality>.deleted.npy (deleted ids: removed from flat and IVF indexes; HNSW cannot remove, so its
 searches filter them).
@@ -26,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from .index_files import index_paths, read_deleted
 from .store import EmbeddingStore, write_json_atomic
+from .tune import DEFAULT_TARGET_RECALL, needs_tuning, tune_search
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 FLAT_MAX = 50_000  # exact search of 50k x 512 fp32 takes a few ms per query on one core
@@ -65,14 +72,6 @@ def ivfpq_params(n: int, dim: int, max_memory: int) -> dict[str, int]:
     return {"nlist": nlist, "m": m, "nbits": 8 if n >= 10_000 else 6}
 
 
-def _paths(directory: Path, modality: str) -> tuple[Path, Path, Path]:
-    """(index file named by the JSON, the JSON, the deleted ids)."""
-    d = directory / "index"
-    info = d / f"{modality}.json"
-    name = json.loads(info.read_text(encoding="utf-8"))["file"] if info.is_file() else f"{modality}.faiss"
-    return d / name, info, d / f"{modality}.deleted.npy"
-
-
 def _new_index(kind: str, dim: int, params: dict[str, int], sample: np.ndarray):
     import faiss
 
@@ -96,27 +95,28 @@ def _training_sample(store: EmbeddingStore, modality: str, size: int, seed: int 
     return store.vectors(ids, modality)
 
 
-def read_deleted(directory: str | Path, modality: str = "image") -> np.ndarray:
-    path = _paths(Path(directory), modality)[2]
-    return np.load(path) if path.is_file() else np.zeros(0, dtype=np.int64)
-
-
 def build_index(
     directory: str | Path,
     *,
     modality: str = "image",
     kind: str = "auto",
     max_memory: str | int = "4G",
+    target_recall: float | None = None,
+    tune: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Create the index, or add the parts embedded since the last call; returns the index's JSON."""
+    """Create the index, or add the parts embedded since the last call; returns the index's JSON.
+
+    An approximate index is then tuned (`tune.tune_search`) when `target_recall` is given, or for the
+    target it was tuned for before (else 0.95) when it is new or grew by more than 10% since;
+    `tune=False` skips that (the Searcher then keeps its previous or fixed defaults)."""
     import faiss
 
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
     directory = Path(directory)
     store = EmbeddingStore(directory)
-    index_path, info_path, _ = _paths(directory, modality)
+    index_path, info_path, _ = index_paths(directory, modality)
     if info_path.is_file():
         info = json.loads(info_path.read_text(encoding="utf-8"))
         if kind not in ("auto", info["kind"]):
@@ -165,6 +165,9 @@ def build_index(
             print(f"indexed {part['name']}: {int(keep.sum())} vectors")
     info["count"] = int(index.ntotal)
     _commit(directory, modality, index, info)
+    if tune and needs_tuning(info, target_recall):
+        target = target_recall or info.get("search", {}).get("target_recall", DEFAULT_TARGET_RECALL)
+        info = tune_search(directory, modality, target, progress=progress)
     return info
 
 
@@ -190,7 +193,7 @@ def delete_ids(directory: str | Path, ids: list[int] | np.ndarray, modality: str
     import faiss
 
     directory = Path(directory)
-    index_path, info_path, deleted_path = _paths(directory, modality)
+    index_path, info_path, deleted_path = index_paths(directory, modality)
     if not info_path.is_file():
         raise FileNotFoundError(f"no index in {directory}: run `clipforge index {directory}` first")
     ids = np.unique(np.asarray(ids, dtype=np.int64))

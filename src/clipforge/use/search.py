@@ -19,7 +19,7 @@ import numpy as np
 
 from ..transforms import load_image
 from .encoders import Encoder, open_encoder
-from .index import _paths, read_deleted
+from .index_files import index_paths, read_deleted
 from .store import EmbeddingStore
 
 
@@ -34,7 +34,8 @@ def _as_queries(q: np.ndarray) -> np.ndarray:
 class Searcher:
     """An index opened for searching (see the module docstring). `nprobe` (IVF-PQ lists visited),
     `ef_search` (HNSW) and `rerank` (IVF-PQ candidates per result, rescored exactly) trade speed for
-    recall; the defaults keep recall@10 above 0.95 on the tests' synthetic sets."""
+    recall. Their defaults are those `tune_search` chose for the index's target recall (the "search"
+    entry of DIR/index/<modality>.json), else fixed ones; arguments given here win."""
 
     def __init__(
         self,
@@ -44,27 +45,32 @@ class Searcher:
         encoder: Encoder | str | Path | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
-        rerank: int = 10,
+        rerank: int | None = None,
     ) -> None:
         import faiss
 
         self.dir = Path(directory)
         self.store = EmbeddingStore(self.dir)
         self.modality = modality
-        index_path, info_path, _ = _paths(self.dir, modality)
+        index_path, info_path, _ = index_paths(self.dir, modality)
         if not info_path.is_file():
             raise FileNotFoundError(
                 f"no {modality} index in {self.dir}: run `clipforge index {self.dir}` first"
             )
         self.info = json.loads(info_path.read_text(encoding="utf-8"))
         self.index = faiss.read_index(str(index_path))
-        self.deleted = set(read_deleted(self.dir, modality).tolist())
-        self.rerank = rerank if self.info["kind"] == "ivfpq" else 1
+        self._deleted = read_deleted(self.dir, modality)
+        self.deleted = set(self._deleted.tolist())
+        tuned = self.info.get("search", {})
+        self.rerank = 1
         if self.info["kind"] == "ivfpq":
             nlist = self.info["params"]["nlist"]
-            self.index.nprobe = nprobe or max(1, min(nlist, max(16, nlist // 4)))
+            self.rerank = max(1, rerank or tuned.get("rerank") or 10)
+            self.index.nprobe = max(1, nprobe or tuned.get("nprobe") or min(nlist, max(16, nlist // 4)))
         elif self.info["kind"] == "hnsw":
-            faiss.downcast_index(self.index.index).hnsw.efSearch = max(ef_search or 256, 1)
+            faiss.downcast_index(self.index.index).hnsw.efSearch = max(
+                1, ef_search or tuned.get("ef_search") or 256
+            )
         self._encoder = encoder
         self._meta = None
 
@@ -121,37 +127,46 @@ class Searcher:
             self._meta = self.store.metadata()
         return self._meta.take(np.asarray(ids, dtype=np.int64)).to_pylist()
 
+    def candidates(self, queries: np.ndarray, fetch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(scores, ids) per query row, best first: the index's top `fetch`, deleted ids dropped,
+        IVF-PQ candidates rescored exactly. `queries` must be unit rows (see `_as_queries`)."""
+        scores, ids = self.index.search(queries, min(fetch, max(1, self.index.ntotal)))
+        return [self.refine(q, s, i) for q, s, i in zip(queries, scores, ids)]
+
+    def refine(self, query: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One query's raw index hits -> (scores, ids) best first: padding (-1) and deleted ids dropped;
+        for IVF-PQ the approximate scores are replaced by exact cosines from the stored vectors."""
+        keep = ids >= 0
+        if len(self._deleted):
+            keep &= ~np.isin(ids, self._deleted)
+        scores, ids = scores[keep], ids[keep]
+        if self.info["kind"] == "ivfpq" and len(ids):
+            scores = self.store.vectors(ids, self.modality) @ query
+            order = np.argsort(-scores, kind="stable")
+            scores, ids = scores[order], ids[order]
+        return scores.astype(np.float32), ids.astype(np.int64)
+
     def search(self, queries: np.ndarray, k: int = 10, dedup: float | None = None) -> list[list[dict]]:
         """Top-k hits per query row, best first, with their metadata."""
         queries = _as_queries(queries)
         fetch = k * self.rerank * (4 if dedup else 1) + (
             len(self.deleted) if self.info["kind"] == "hnsw" else 0
         )
-        fetch = min(fetch, max(1, self.index.ntotal))
-        scores, ids = self.index.search(queries, fetch)
         out = []
-        for q, s, i in zip(queries, scores, ids):
-            keep = [(float(a), int(b)) for a, b in zip(s, i) if b >= 0 and int(b) not in self.deleted]
-            cand = np.array([b for _, b in keep], dtype=np.int64)
-            vecs = (
-                self.store.vectors(cand, self.modality) if (self.rerank > 1 or dedup) and len(cand) else None
-            )
-            if self.rerank > 1 and vecs is not None:  # IVF-PQ: exact cosines from the stored vectors
-                exact = vecs @ q
-                order = np.argsort(-exact, kind="stable")
-                keep = [(float(exact[j]), int(cand[j])) for j in order]
-                vecs = vecs[order]
-            chosen = _dedup(keep, vecs, dedup, k) if dedup else list(range(min(k, len(keep))))
-            hits = [keep[j] for j in chosen]
-            meta = self.metadata([b for _, b in hits])
-            out.append([{**m, "id": b, "score": a} for (a, b), m in zip(hits, meta)])
+        for scores, ids in self.candidates(queries, fetch):
+            if dedup and len(ids):
+                chosen = _dedup(self.store.vectors(ids, self.modality), dedup, k)
+            else:
+                chosen = list(range(min(k, len(ids))))
+            meta = self.metadata(ids[chosen])
+            out.append([{**m, "id": int(ids[j]), "score": float(scores[j])} for j, m in zip(chosen, meta)])
         return out
 
 
-def _dedup(hits: list[tuple[float, int]], vecs: np.ndarray, threshold: float, k: int) -> list[int]:
+def _dedup(vecs: np.ndarray, threshold: float, k: int) -> list[int]:
     """Indexes of hits kept, best first, none within `threshold` cosine of an earlier kept one."""
     kept: list[int] = []
-    for j in range(len(hits)):
+    for j in range(len(vecs)):
         if kept and float(np.max(vecs[kept] @ vecs[j])) >= threshold:
             continue
         kept.append(j)
