@@ -43,6 +43,7 @@ import argparse
 import functools
 import io
 import math
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=8)
     p.add_argument("--train-fast", default="true", choices=("true", "false"))
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=3, help="stream measurements per pipeline, interleaved")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/input_pipeline.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -373,22 +375,34 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for mode in args.modes:
             for size in args.sizes:
-                base_sps = None
+                makes, group = {}, []
                 for pipe in PIPELINES:
                     row: dict[str, Any] = {"mode": mode, "size": size, "pipeline": pipe}
                     row.update(staged(pipe, mode, size, urls, args.batch, clock))
                     if pipe == "baseline":
-                        make = functools.partial(baseline_stream, urls, mode, size, args.batch, tokenizer)
+                        makes[pipe] = functools.partial(
+                            baseline_stream, urls, mode, size, args.batch, tokenizer
+                        )
                     else:
-                        make = functools.partial(
+                        makes[pipe] = functools.partial(
                             clipforge_stream, urls, mode, size, args.batch, tokenizer, pipe == "fast"
                         )
-                    row["samples_per_s_core"] = stream_rate(make, batches, clock)
-                    base_sps = base_sps or row["samples_per_s_core"]
-                    row["x_baseline"] = row["samples_per_s_core"] / base_sps
-                    rows.append(row)
+                    group.append(row)
+                # the streams interleaved, round after round: drift of a shared machine hits all alike
+                rates: dict[str, list[float]] = {pipe: [] for pipe in PIPELINES}
+                for _ in range(args.rounds):
+                    for pipe in PIPELINES:
+                        rates[pipe].append(stream_rate(makes[pipe], batches, clock))
+                base = rates["baseline"]
+                for row in group:
+                    mine = rates[row["pipeline"]]
+                    row["samples_per_s_core"] = statistics.median(mine)
+                    row["x_baseline"] = statistics.median(mine) / statistics.median(base)
+                    row["x_baseline_rounds"] = [round(a / b, 3) for a, b in zip(mine, base)]
+                rows.extend(group)
         cols = ["mode", "size", "pipeline", *[f"{s}_ms" for s in STAGES], "total_ms", "norm_dev_ms"]
-        print(format_table(rows, [*cols, "samples_per_s_core", "x_baseline"]))
+        print(format_table(rows, [*cols, "samples_per_s_core", "x_baseline", "x_baseline_rounds"]))
+        print(f"samples_per_s_core: median of {args.rounds} interleaved rounds; x_baseline: ratio of medians")
         result: dict[str, Any] = {"rows": rows, "images": args.images, "batch": args.batch}
         if args.train:
             result["train"] = train_rows(shard_dir, args, clock)
