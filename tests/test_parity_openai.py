@@ -5,8 +5,6 @@ clipforge give the same features in fp32."""
 from __future__ import annotations
 
 import copy
-import importlib.metadata
-import importlib.util
 import time
 
 import pytest
@@ -19,22 +17,12 @@ from clipforge.checkpoints import (
     read_torchscript_state_dict,
 )
 from clipforge.models import CLIP
+from helpers import openai_model_module
 
 EOT = 49407
 
 
-def _openai_model_module():
-    try:
-        path = importlib.metadata.distribution("openai-clip").locate_file("clip/model.py")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("OpenAI's clip package (openai-clip) is not installed")
-    spec = importlib.util.spec_from_file_location("openai_clip_model", str(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oai = _openai_model_module()
+oai = openai_model_module()
 
 # OpenAI CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 #             context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)

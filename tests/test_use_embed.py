@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from clipforge.use import EmbeddingStore, EmbedOptions, embed, open_encoder
 from clipforge.use import embedder as embed_module
+from helpers import openai_model_module
 from use_helpers import tiny_checkpoint, write_corrupt, write_images
 
 
@@ -152,8 +153,6 @@ def test_fp32_embeddings_equal_openai_reference_model(tmp_path):
     our fused QuickGELU MLP (silu(1.702 h) / 1.702 with the scalings on the GEMMs). 1e-6 leaves room for
     other BLAS summation orders and stays 10x under the issue's 1e-5."""
     import dataclasses
-    import importlib.metadata
-    import importlib.util
 
     import torch
     from PIL import Image
@@ -162,13 +161,7 @@ def test_fp32_embeddings_equal_openai_reference_model(tmp_path):
     from clipforge.checkpoints import convert_clipforge_to_openai
     from clipforge.transforms import eval_transform
 
-    try:
-        path = importlib.metadata.distribution("openai-clip").locate_file("clip/model.py")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("OpenAI's clip package (openai-clip) is not installed")
-    spec = importlib.util.spec_from_file_location("openai_clip_model", str(path))
-    oai = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oai)
+    oai = openai_model_module()
 
     # OpenAI's VisionTransformer has width // 64 heads: a tiny tower of width 128 with 2 heads
     tiny = get_config("tiny-vit")
