@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import shutil
 import time
 
@@ -22,8 +23,10 @@ from PIL import Image  # noqa: E402
 from clipforge.cli import main as cli_main  # noqa: E402
 from clipforge.serve.app import create_app  # noqa: E402
 from clipforge.serve.config import ServeConfig, check_bind, is_loopback  # noqa: E402
-from clipforge.transforms import load_image  # noqa: E402
+from clipforge.transforms import load_image, load_image_reduced  # noqa: E402
+from clipforge.use import EmbeddingStore  # noqa: E402
 from clipforge.use.classify import Classifier  # noqa: E402
+from clipforge.use.embedder import append_rows  # noqa: E402
 from clipforge.use.search import Searcher  # noqa: E402
 from serve_helpers import N_IMAGES, bomb_png, build_index_dir, make_service, png_bytes  # noqa: E402
 
@@ -224,6 +227,37 @@ def test_add_images_while_serving(built, tmp_path):
         assert c.post("/v1/index/add", json={"images": [_b64(b"junk")]}).status_code == 400
     assert Searcher(mine).index.ntotal == N_IMAGES + 2  # on disk: a restart serves them too
     assert len(list((mine / "uploads").iterdir())) == 2
+
+
+def test_adds_to_a_fast_decoded_index_are_decoded_the_same_way(built, tmp_path):
+    """A directory made with `embed --fast-decode` gets uploads decoded at reduced scale too (its rows stay
+    one kind), with their full sizes in the metadata; append_rows refuses rows decoded the other way."""
+    ckpt, emb, _ = built
+    mine = tmp_path / "emb"
+    shutil.copytree(emb, mine)
+    manifest_path = mine / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["fast_decode"] = True
+    manifest_path.write_text(json.dumps(manifest))
+    photo = png_bytes(size=(200, 160), colour=(40, 90, 200), fmt="JPEG")
+    service = make_service(ckpt, mine)
+    with TestClient(create_app(service)) as c:
+        r = c.post("/v1/index/add", files=[("files", ("p.jpg", photo))])
+        assert r.status_code == 200, r.text
+        (new_id,) = r.json()["ids"]
+    enc = service.encoder
+    reduced, size = load_image_reduced(io.BytesIO(photo), enc.preprocess_config.image_size)
+    assert reduced.size[0] < 200 and size == (200, 160)  # the decoder did scale it down
+    want = enc.encode_pixels(enc.preprocess(reduced)[None]).numpy()[0]
+    exact = enc.encode_pixels(enc.preprocess(load_image(io.BytesIO(photo)))[None]).numpy()[0]
+    store = EmbeddingStore(mine)
+    got = store.vectors([new_id], "image")[0].astype(np.float32)
+    assert np.abs(got - want).max() < 2e-4 < np.abs(got - exact).max()  # exact decoding: 6e-4 away
+    meta = store.metadata(["width", "height"]).to_pylist()[new_id]
+    assert (meta["width"], meta["height"]) == (200, 160)
+    rows = {"key": ["x"], "path": ["x"], "caption": [None], "width": [1], "height": [1]}
+    with pytest.raises(ValueError, match=r"emb was embedded with fast JPEG decoding; these rows"):
+        append_rows(mine, rows, {"image": want[None]}, enc.fingerprint)
 
 
 def test_api_key_required_when_set_and_compared(built):

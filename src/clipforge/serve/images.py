@@ -12,7 +12,7 @@ import io
 
 from PIL import Image
 
-from ..transforms import ImageLoadError, load_image
+from ..transforms import ImageLoadError, load_image, load_image_reduced
 from .config import ServeConfig
 from .errors import ApiError
 
@@ -31,8 +31,12 @@ def decode_base64(value: object, name: str) -> bytes:
         raise ApiError(400, "bad_image", f"{name}: not valid base64 ({e})") from None
 
 
-def open_upload(data: bytes, name: str, cfg: ServeConfig) -> Image.Image:
-    """Decoded, EXIF-rotated RGB image, or a 4xx naming `name` and what is wrong."""
+def open_upload(
+    data: bytes, name: str, cfg: ServeConfig, reduced_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """(decoded, EXIF-rotated RGB image, its full upright (width, height)), or a 4xx naming `name` and what
+    is wrong. `reduced_side`: decode a JPEG at reduced scale down to that short side, as `embed
+    --fast-decode` did (`load_image_reduced`), for uploads added to an index made that way."""
     if not data:
         raise ApiError(400, "bad_image", f"{name}: empty file")
     if len(data) > cfg.max_upload_bytes:
@@ -40,7 +44,11 @@ def open_upload(data: bytes, name: str, cfg: ServeConfig) -> Image.Image:
             413, "too_large", f"{name}: {len(data)} bytes, above the limit of {cfg.max_upload_bytes}"
         )
     try:
-        return load_image(io.BytesIO(data), max_pixels=cfg.max_pixels, max_aspect=cfg.max_aspect)
+        limits = {"max_pixels": cfg.max_pixels, "max_aspect": cfg.max_aspect}
+        if reduced_side is not None:
+            return load_image_reduced(io.BytesIO(data), reduced_side, **limits)
+        img = load_image(io.BytesIO(data), **limits)
+        return img, img.size
     except ImageLoadError as e:
         msg = str(e).replace("<BytesIO object>", name)
         too_big = "max_pixels" in msg or "MAX_IMAGE_PIXELS" in msg or "max_aspect" in msg

@@ -136,11 +136,13 @@ class Service:
         rows = await self.text.submit(self.check_texts(texts))
         return np.stack(rows)
 
-    def _prepare(self, uploads: Sequence[tuple[str, bytes]]) -> list[tuple[Any, torch.Tensor]]:
+    def _prepare(
+        self, uploads: Sequence[tuple[str, bytes]], reduced_side: int | None
+    ) -> list[tuple[Any, tuple[int, int], torch.Tensor]]:
         out = []
         for name, data in uploads:
-            img = open_upload(data, name, self.cfg)
-            out.append((img, self.encoder.preprocess(img)))
+            img, size = open_upload(data, name, self.cfg, reduced_side)
+            out.append((img, size, self.encoder.preprocess(img)))
         return out
 
     def check_uploads(self, uploads: Sequence[tuple[str, bytes]]) -> None:
@@ -149,12 +151,16 @@ class Service:
         if len(uploads) > self.cfg.max_items:
             raise ApiError(413, "too_many", f"{len(uploads)} images, above the limit of {self.cfg.max_items}")
 
-    async def embed_images(self, uploads: Sequence[tuple[str, bytes]]) -> tuple[np.ndarray, list[Any]]:
-        """((N, D) unit image vectors, the decoded images)."""
+    async def embed_images(
+        self, uploads: Sequence[tuple[str, bytes]], fast_decode: bool = False
+    ) -> tuple[np.ndarray, list[tuple[Any, tuple[int, int]]]]:
+        """((N, D) unit image vectors, the decoded images with their full upright sizes). `fast_decode`:
+        JPEGs decoded at reduced scale, as `embed --fast-decode` does (for adds to such an index)."""
         self.check_uploads(uploads)
-        prepared = await asyncio.to_thread(self._prepare, uploads)
-        rows = await self.image.submit([p for _, p in prepared])
-        return np.stack(rows), [img for img, _ in prepared]
+        side = self.encoder.preprocess_config.image_size if fast_decode else None
+        prepared = await asyncio.to_thread(self._prepare, uploads, side)
+        rows = await self.image.submit([p for _, _, p in prepared])
+        return np.stack(rows), [(img, size) for img, size, _ in prepared]
 
     # ---------------------------------------------------------------------------------------------
     # classify
@@ -288,18 +294,19 @@ class Service:
             raise ApiError(422, "bad_captions", f"{len(uploads)} images but {len(captions)} captions")
         if "text" in modalities:
             captions = self.check_texts(captions, "captions")  # this index embeds captions too
-        feats, images = await self.embed_images(uploads)
+        fast_decode = bool(s.store.manifest.get("fast_decode", False))  # decode as the collection was
+        feats, images = await self.embed_images(uploads, fast_decode)
         text_feats = await self.embed_texts(captions) if "text" in modalities else None
         data = [d for _, d in uploads]
-        return await asyncio.to_thread(self._append, images, data, captions, feats, text_feats)
+        return await asyncio.to_thread(self._append, images, data, captions, feats, text_feats, fast_decode)
 
-    def _append(self, images, data, captions, feats, text_feats) -> list[int]:
+    def _append(self, images, data, captions, feats, text_feats, fast_decode: bool) -> list[int]:
         assert self.index_dir is not None
         with self._add_lock:  # one writer: parts are numbered from the manifest
             folder = self.index_dir / UPLOADS
             folder.mkdir(exist_ok=True)
             rows: dict[str, list] = {f: [] for f in ("key", "path", "caption", "width", "height")}
-            for img, raw, caption in zip(images, data, captions):
+            for (img, (width, height)), raw, caption in zip(images, data, captions):
                 digest = hashlib.sha256(raw).hexdigest()[:20]
                 path = folder / f"{digest}.png"  # the decoded pixels, re-encoded: nothing else is kept
                 if not path.exists():
@@ -307,10 +314,10 @@ class Service:
                 rows["key"].append(f"{UPLOADS}/{digest}.png")
                 rows["path"].append(str(path))
                 rows["caption"].append(caption)
-                rows["width"].append(img.size[0])
-                rows["height"].append(img.size[1])
+                rows["width"].append(width)
+                rows["height"].append(height)
             feat_map = {"image": feats} if text_feats is None else {"image": feats, "text": text_feats}
-            part = append_rows(self.index_dir, rows, feat_map, self.encoder.fingerprint)
+            part = append_rows(self.index_dir, rows, feat_map, self.encoder.fingerprint, fast_decode)
             build_index(self.index_dir, modality=self.modality)
             self.searcher = Searcher(self.index_dir, self.modality, encoder=self.encoder)
             self.metrics.index_vectors.set(value=self.searcher.index.ntotal)

@@ -348,12 +348,17 @@ def _total_skips(manifest: dict[str, Any]) -> None:
 
 
 def append_rows(
-    out: str | Path, rows: dict[str, list], feats: dict[str, np.ndarray], fingerprint: str
+    out: str | Path,
+    rows: dict[str, list],
+    feats: dict[str, np.ndarray],
+    fingerprint: str,
+    fast_decode: bool = False,
 ) -> dict:
     """Append rows embedded elsewhere (the server's add-while-serving) to a finished embedding directory
     as one new part; `build_index` then adds that part alone. `rows` holds the metadata fields (key, path,
     caption, width, height), `feats` one (rows, D) array per modality of the directory, made by the model
-    whose `fingerprint` the directory records. One writer at a time: the caller serialises calls.
+    whose `fingerprint` the directory records, with JPEGs decoded as the directory's were (`fast_decode`,
+    see EmbedOptions). One writer at a time: the caller serialises calls.
     Returns the manifest's entry for the new part (name, rows, first_id)."""
     out = Path(out)
     manifest = EmbeddingStore(out).manifest
@@ -361,6 +366,12 @@ def append_rows(
         raise ValueError(
             f"{out} holds embeddings of another model (fingerprint {manifest['model']['fingerprint']}); "
             f"these were made by {fingerprint}"
+        )
+    if manifest.get("fast_decode", False) != fast_decode:
+        was, now = ("without", "with") if fast_decode else ("with", "without")
+        raise ValueError(
+            f"{out} was embedded {was} fast JPEG decoding; these rows were decoded {now} it: "
+            "decode them the way the directory's were"
         )
     if sorted(feats) != sorted(manifest["modalities"]):
         raise ValueError(
