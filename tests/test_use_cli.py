@@ -4,6 +4,8 @@ export-onnx and embed/classify --runtime onnx."""
 import csv
 import json
 
+import pytest
+
 from clipforge.cli import main
 from use_helpers import tiny_checkpoint, write_corrupt, write_images
 
@@ -105,3 +107,24 @@ def test_cli_embed_fast_decode_is_recorded(tmp_path, capsys):
     assert main([*argv, "--no-progress", "--fast-decode"]) == 0
     assert "4 rows" in (out := capsys.readouterr().out) and "fast JPEG decoding" in out
     assert json.loads((emb / "manifest.json").read_text())["fast_decode"] is True
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cli_warns_in_one_line_where_bf16_is_slow(tmp_path, capsys, monkeypatch, native):
+    """--precision bf16 on a CPU without bf16 matrix instructions (5x to 400x slower than fp32 there)
+    says so once, as one line, and still embeds; on a bf16-capable CPU, or a GPU, nothing is said."""
+    from clipforge.models import precision
+
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: native)
+    assert precision.slow_bf16_reason("cuda") is None
+    ckpt = str(tiny_checkpoint(tmp_path / "ckpt"))
+    write_images(tmp_path / "photos", 2)
+    argv = ["embed", "--model", ckpt, "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "emb")]
+    assert main([*argv, "--workers", "0", "--no-progress", "--precision", "bf16"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "bf16" in line]
+    if native:
+        assert err == []
+    else:
+        assert len(err) == 1 and err[0].startswith("clipforge embed: warning: this CPU has no bf16 matrix")
+        assert err[0].endswith("slower than fp32 here; use fp32")
+    assert json.loads((tmp_path / "emb" / "manifest.json").read_text())["count"] == 2

@@ -29,6 +29,7 @@ from .data.memory import TensorPairs
 from .data.streams import BatchStream
 from .eval import RetrievalEvaluator, ZeroShotEvaluator
 from .models import create_model
+from .models.precision import native_bf16_cpu
 from .tokenizer import train_bpe
 from .train.optim import build_optimizer, cosine_schedule
 from .train.runs import RunDir, seed_everything
@@ -86,11 +87,7 @@ def resolve_precision(precision: str) -> str:
     emulated in software would be slower than fp32)."""
     if precision != "auto":
         return precision
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
+    return "bf16" if native_bf16_cpu() else "fp32"
 
 
 def demo_model_config(vocab_size: int, demo: DemoConfig):

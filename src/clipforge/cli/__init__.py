@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # Subcommand modules (clipforge.cli.<name>); each defines register(subparsers) and sets `func` on its parser.
 COMMANDS = (
@@ -46,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ..train.runlock import RunLockedError
 
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"clipforge {args.command}: warning: {message}", file=file or sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restores the display after (main is also a library call)
+            warnings.showwarning = one_line_warning  # what to do, not where in clipforge it was said
+            return int(args.func(args) or 0)
     except (OSError, ValueError, KeyError, RunLockedError) as e:
         # bad input and full disks: one line naming the file and the problem, never a traceback
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.state import StateFormatError
 from ..data.streams import BatchStream, IterableBatchStream
+from ..models.precision import slow_bf16_reason
 from .dist import any_rank, is_main
 from .fsdp import full_training_state, is_fsdp, load_full_training_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics
@@ -117,6 +118,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 training needs a GPU (loss scaling); use bf16 on CPU")
+        slow = slow_bf16_reason(self.device) if precision == "bf16" else None
+        if slow:
+            warnings.warn(f"{slow}; train in fp32", stacklevel=2)
         self.step = 0
         self.nonfinite_total = 0
         self._nonfinite_run = 0

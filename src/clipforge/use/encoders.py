@@ -26,6 +26,7 @@ from ..checkpoints.io import build_model, preprocess_for, read_checkpoint, token
 from ..config import PRESETS, get_config
 from ..eval.features import model_fingerprint, tokenize
 from ..models.clip import CLIP
+from ..models.precision import slow_bf16_reason
 from ..tokenizer import Tokenizer
 from ..transforms import PreprocessConfig, eval_transform
 
@@ -118,6 +119,9 @@ class TorchEncoder(Encoder):
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
         self.device = torch.device(device)
+        slow = slow_bf16_reason(self.device) if precision == "bf16" else None
+        if slow:
+            warnings.warn(f"{slow}; use fp32", stacklevel=2)
         self.model = model.to(self.device).eval()
         self.precision = precision
         self.source = source
