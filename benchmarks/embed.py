@@ -54,6 +54,7 @@ from _common import format_table, write_json
 from _search import SEARCH_COLUMNS, add_search_args, bench_search
 from clipforge import create_model, save_pretrained
 from clipforge.checkpoints import convert_clipforge_to_openai
+from clipforge.models.precision import slow_bf16_reason
 from clipforge.tokenizer import Tokenizer
 from clipforge.transforms import PreprocessConfig, eval_transform
 from clipforge.use import EmbeddingStore, EmbedOptions, embed, open_encoder
@@ -160,6 +161,9 @@ def bench_embedding(args, work: Path) -> list[dict]:
         "ours ONNX Runtime": lambda out: ours(work / "photos", out, work / "onnx", runtime="onnx", **common),
         "ours fp32 + fast decode": lambda out: ours(work / "photos", out, ckpt, fast_decode=True, **common),
     }
+    if (slow := slow_bf16_reason()) and not args.bf16_anyway:
+        print(f"no bf16 row: {slow} (--bf16-anyway runs it)", file=sys.stderr)
+        del runs["ours bf16 autocast"]
     baseline = "baseline (OpenAI model.py, PIL, fp32)"
     try:
         ref = openai_clip(model)
@@ -249,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="embedding rows: interleaved rounds, best reported")
+    p.add_argument(
+        "--bf16-anyway",
+        action="store_true",
+        help="run the bf16 row on a CPU without bf16 matrix instructions too (5x-400x slower there)",
+    )
     add_search_args(p)
     p.add_argument("--classify-images", type=int, default=1000)
     p.add_argument("--labels", type=int, default=100)
@@ -319,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "args": vars(args),
             "bf16_matrix_instructions": bf16_matrix_flags(),
+            "bf16_slow_reason": slow_bf16_reason(),
             "seconds": seconds,
             "embedding": emb,
             "search": search,
