@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..use.embedder import DTYPES, MODALITIES, EmbedOptions, embed
 from ..use.encoders import RUNTIMES
@@ -25,7 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modality", choices=(*MODALITIES, "auto"), default="auto")
     p.add_argument("--kind", choices=KINDS, default=None, help="data kind (default: detected)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding images")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="DataLoader processes decoding images (default: the usable cores, at most 4)",
+    )
     p.add_argument("--part-size", type=int, default=10_000, help="inputs per part file")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
     p.add_argument("--append", action="store_true", help="add new inputs to a finished directory")
@@ -42,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def default_workers(most: int = 4) -> int:
+    """The cores this process may use, at most `most`: more decoding processes than cores only compete
+    with the model (torch warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(most, cores or 1))
 
 
 def run(args: argparse.Namespace) -> int:
