@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import warnings
 
 import pytest
 import torch
@@ -242,3 +243,19 @@ def test_experiment_config_overrides_and_errors(tmp_path):
         load_experiment(cfg, ["train.steps"])
     with pytest.raises(FileNotFoundError, match="experiment config not found"):
         load_experiment(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, native):
+    """bf16 autocast on an AVX2-only CPU runs 5x-400x slower than fp32 (models/precision.py): the trainer
+    says so when it is built; where bf16 is native, it says nothing."""
+    from clipforge.models import precision
+
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: native)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, precision="bf16")
+    slow = [w for w in seen if "no bf16 matrix instructions" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    if not native:
+        assert str(slow[0].message).endswith("; train in fp32")
