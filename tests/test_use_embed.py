@@ -87,6 +87,9 @@ def test_crash_then_rerun_equals_one_run_and_append_adds_only_new(ckpt, photos, 
     assert not half["complete"] and len(half["parts"]) == 2
     again = embed(photos, tmp_path / "resumed", ckpt, options=opts)
     assert again["count"] == once["count"] == 14 and again["skipped"] == once["skipped"]
+    done_before = sum(p["rows"] + sum(p["skipped"].values()) for p in half["parts"])  # rows and skips
+    assert again["runs"][-1]["inputs_done_before"] == done_before > 0
+    assert again["runs"][-1]["rows_added"] == 14 - half["count"]
     a, b = rows_by_key(tmp_path / "once"), rows_by_key(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for k in a:
@@ -99,6 +102,7 @@ def test_crash_then_rerun_equals_one_run_and_append_adds_only_new(ckpt, photos, 
     opts_append = EmbedOptions(batch_size=3, part_size=4, append=True, progress=False)
     grown = embed(photos, tmp_path / "once", ckpt, options=opts_append)
     assert grown["count"] == 17 and grown["skipped"] == {"corrupt_image": 1}
+    assert grown["runs"][-1]["inputs_done_before"] == 15 and grown["runs"][-1]["rows_added"] == 3
     assert sorted(rows_by_key(tmp_path / "once"))[:3] == ["img000.jpg", "img001.png", "img003.png"]
     ids = EmbeddingStore(tmp_path / "once").metadata(["id"]).column("id").to_pylist()
     assert ids == list(range(17))

@@ -80,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         options=opts,
     )
+    run = m["runs"][-1]
+    if run["inputs_done_before"]:
+        print(
+            f"{args.out}: {run['inputs_done_before']} inputs were done by earlier runs; "
+            f"this run added {run['rows_added']} rows"
+        )
     skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
     where = f" (names in {args.out}/skipped.log)" if m["skipped"] else ""
     print(

@@ -252,7 +252,9 @@ def embed(
         "append": opts.append,
         "runtime": enc.runtime,
         "fast_decode": opts.fast_decode,
+        "inputs_done_before": len(done),  # resumed or appended: these were not read again
     }
+    rows_before = manifest["count"]
     manifest["runs"].append(run)
     write_json_atomic(out / MANIFEST, manifest)
 
@@ -282,6 +284,7 @@ def embed(
     manifest["complete"] = True
     _total_skips(manifest)
     run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run["rows_added"] = manifest["count"] - rows_before
     write_json_atomic(out / MANIFEST, manifest)
     _write_skip_log(out, manifest)
     return manifest
