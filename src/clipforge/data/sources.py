@@ -9,8 +9,10 @@
     source.fingerprint()                             # what the data is, by content (caches record it)
 
 The trainer, the embedding-cache writer and evaluation take any Source; adding a data kind means one class
-here and one entry in SOURCES. Data code receives the fields it needs (an `Options` dataclass per kind),
-never the whole experiment. Bad samples are counted by reason in `source.skips` (see data/skips.py).
+here (or in a module of its own, as data/synthetic_source.py) and one entry in SOURCES. The contract and the
+evaluation-input types are in data/source_base.py; every name stays importable from here. Data code
+receives the fields it needs (an `Options` dataclass per kind), never the whole experiment. Bad samples
+are counted by reason in `source.skips` (see data/skips.py).
 """
 
 from __future__ import annotations
@@ -19,17 +21,14 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from ..transforms import normalise_uint8
 from .embedding_cache import CachedCaptionPairs, CacheMismatchError, EmbeddingCache, weights_hash
-from .memory import TensorPairs
 from .ordered import (
     Sample,
-    captions_digest,
     fingerprint_diff,
     pair_samples,
     pairs_fingerprint,
@@ -39,159 +38,33 @@ from .ordered import (
 from .pairs import PairDataset, open_pairs
 from .shard_split import DistributedWebDataset, check_shard_split
 from .skips import SkipCounter, Skipped
-from .streams import BatchStream, IterableBatchStream, SeededTransformStream
+from .source_base import CaptionedImages, EvalSet, LabelledImages, Source, StreamOptions
+from .streams import IterableBatchStream, SeededTransformStream
+from .synthetic_source import SYNTHETIC_TEMPLATES, SyntheticSource
 from .wds import shard_captions
 
-
-# ------------------------------------------------------------------------------------------ evaluation inputs
-@dataclass(frozen=True)
-class LabelledImages:
-    """Zero-shot classification input: images (normalised tensor (N, 3, S, S) or a Dataset of {"image",
-    "label"}), labels (None when the dataset carries them), class names and prompt templates."""
-
-    images: Any
-    labels: torch.Tensor | None
-    classnames: list[str]
-    templates: list[str]
-
-
-@dataclass(frozen=True)
-class CaptionedImages:
-    """Retrieval input: images (tensor or Dataset, in image order) and their captions (a flat list with
-    `text_to_image`, or one list of captions per image)."""
-
-    images: Any
-    captions: list[str] | list[list[str]]
-    text_to_image: torch.Tensor | None = None
-
-
-EvalSet = LabelledImages | CaptionedImages
-
-
-@dataclass(frozen=True)
-class StreamOptions:
-    """How batches are drawn: batch_size is the global batch; with several processes each loads its share."""
-
-    batch_size: int
-    seed: int = 0
-    shuffle: bool = True
-    workers: int = 0
-    pin_memory: bool = False
-    rank: int = 0
-    world_size: int = 1
-
-
-# ------------------------------------------------------------------------------------------ the contract
-class Source:
-    """The interface every data kind implements. Map-style kinds inherit `stream`; streams override it."""
-
-    kind: ClassVar[str]
-    skips: SkipCounter | None = None  # counts bad samples by reason (None: the kind cannot have any)
-
-    def captions(self) -> list[str]:
-        """Every training caption, in sample order (a BPE corpus; the text side of an embedding cache)."""
-        raise NotImplementedError
-
-    def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:
-        """{"image": tensor, "text": token ids} items (an IterableDataset for streaming kinds)."""
-        raise NotImplementedError
-
-    def stream(self, data: Dataset, opts: StreamOptions) -> BatchStream | IterableBatchStream:
-        """Endless, resumable batches of `data` (rows of the global batches for this rank)."""
-        return BatchStream(
-            data,
-            opts.batch_size,
-            seed=opts.seed,
-            shuffle=opts.shuffle,
-            workers=opts.workers,
-            pin_memory=opts.pin_memory,
-            rank=opts.rank,
-            world_size=opts.world_size,
-        )
-
-    def eval_sets(self) -> dict[str, EvalSet]:
-        """Evaluation inputs that come with the data itself (none for files: see data.val)."""
-        return {}
-
-    def identity(self) -> str:
-        """What the data is, in words (a path, a pattern, the synthetic seed and size)."""
-        raise NotImplementedError
-
-    def samples(self, start: int = 0) -> Iterator[Sample | Skipped]:
-        """Every sample with all its captions in one fixed order (no shuffle, no rank split), unreadable
-        ones as Skipped, from position `start` (positions count both; see data/ordered.py)."""
-        raise NotImplementedError
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What the data is by content: kind, files (paths, sizes, mtimes), listed samples, captions."""
-        raise NotImplementedError
+__all__ = [  # the contract (data/source_base.py) and the synthetic kind stay importable from here
+    "SOURCES",
+    "SYNTHETIC_TEMPLATES",
+    "CaptionedImages",
+    "EmbeddingCacheSource",
+    "EvalSet",
+    "FileOptions",
+    "FolderSource",
+    "LabelledImages",
+    "ManifestSource",
+    "Source",
+    "StreamOptions",
+    "SyntheticSource",
+    "WebDatasetSource",
+    "infer_kind",
+    "kinds",
+    "open_source",
+    "source_options",
+]
 
 
 # ------------------------------------------------------------------------------------------ kinds
-SYNTHETIC_TEMPLATES = ["a {}.", "a photo of a {}.", "there is a {}."]
-
-
-class SyntheticSource(Source):
-    """The built-in coloured shapes (data/synthetic.py), rendered in memory at `image_size`; its held-out
-    colour-shape combinations give zero-shot sets (seen / unseen) and a retrieval set."""
-
-    kind = "synthetic"
-
-    @dataclass(frozen=True)
-    class Options:
-        image_size: int
-        seed: int = 0
-        synthetic_train: int = 20000  # images (the names of the experiment's data fields)
-        synthetic_val: int = 512
-
-    def __init__(self, opts: Options, skips: SkipCounter | None = None) -> None:
-        from .synthetic import ShapesConfig, classification_set, make_tensors
-
-        self.opts = opts
-        shapes = ShapesConfig(image_size=opts.image_size, seed=opts.seed)
-        self.images, self._captions = make_tensors(shapes, opts.synthetic_train, "train")
-        per_class = max(1, opts.synthetic_val // len(shapes.colours) // len(shapes.shapes))
-        self._sets = {
-            name: classification_set(shapes, per_class, split, classes="all")
-            for name, split in (("seen", "seen_eval"), ("unseen", "unseen"))
-        }
-        self._retrieval = make_tensors(shapes, opts.synthetic_val, "seen_eval")
-
-    def captions(self) -> list[str]:
-        return list(self._captions)
-
-    def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:
-        # pre-rendered uint8 images; the whole caption list is tokenised at once (fast)
-        return TensorPairs(
-            self.images, tokenizer(self._captions, context_length=context_length, truncate=True)
-        )
-
-    def eval_sets(self) -> dict[str, EvalSet]:
-        sets: dict[str, EvalSet] = {}
-        for name, (x, y, classnames) in self._sets.items():
-            sets[f"zeroshot_{name}"] = LabelledImages(normalise_uint8(x), y, classnames, SYNTHETIC_TEMPLATES)
-        x, caps = self._retrieval
-        sets["retrieval"] = CaptionedImages(normalise_uint8(x), caps, torch.arange(len(caps)))
-        return sets
-
-    def identity(self) -> str:
-        return f"synthetic:{self.opts.seed}:{self.opts.synthetic_train}"
-
-    def samples(self, start: int = 0) -> Iterator[Sample | Skipped]:
-        for i in range(start, len(self.images)):
-            yield Sample(self.images[i], (self._captions[i],), f"synthetic:{i}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        o = self.opts
-        return {
-            "kind": "synthetic",
-            "path": self.identity(),
-            "files": f"seed={o.seed} image_size={o.image_size}",
-            "samples": o.synthetic_train,
-            "captions": captions_digest([c] for c in self._captions),
-        }
-
-
 @dataclass(frozen=True)
 class FileOptions:
     """A manifest (CSV/TSV/JSONL) or an image folder with sidecar captions."""
