@@ -51,7 +51,7 @@ from clipforge.train.step import make_step_fn
 from clipforge.train.trainer import Trainer
 from clipforge.transforms import PreprocessConfig
 
-# The captions' own phrasing (see data/synthetic.py), so the prompts use words the BPE vocabulary knows.
+# The captions' own phrasing (data/synthetic_scenes.py), so the prompts use words the BPE vocabulary knows.
 TEMPLATES = [
     "a {c}",
     "a photo of a {c}",

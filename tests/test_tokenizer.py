@@ -309,7 +309,7 @@ def test_missing_vocab_error_tells_user_to_pass_a_path(monkeypatch):
     def no_dist(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(tokenizer_module.importlib.metadata, "distribution", no_dist)
+    monkeypatch.setattr(importlib.metadata, "distribution", no_dist)  # what tokenizer_files calls
     with pytest.raises(FileNotFoundError, match="pass its path"):
         Tokenizer.from_openai_vocab()
     with pytest.raises(FileNotFoundError, match="not found"):

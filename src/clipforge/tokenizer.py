@@ -10,13 +10,13 @@ The ids equal OpenAI's `clip.simple_tokenizer.SimpleTokenizer` for any Unicode t
 mapped byte-wise to printable characters (GPT-2's byte map), its last symbol marked with `</w>`, and
 merged by BPE rank. Sequences are `[SOT] ids [EOT]` zero-padded to the context length. The EOT id is
 always the largest id of the vocabulary, because the text tower pools at `argmax(token id)`.
+
+Reading the vocabulary files is `tokenizer_files.py`; learning merges is `bpe_train.py`.
 """
 
 from __future__ import annotations
 
-import gzip
 import html
-import importlib.metadata
 import itertools
 import json
 import warnings
@@ -29,10 +29,18 @@ import regex
 import torch
 
 from .bpe_train import EOW, learn_merges
+from .tokenizer_files import OPENAI_VOCAB_FILE as OPENAI_VOCAB_FILE  # re-exported; the readers live there
+from .tokenizer_files import (
+    _read_json,
+    _read_openai_merges,
+    _read_tokenizer_json,
+    _read_vocab_merges,
+    _token_str,
+    find_openai_vocab,
+)
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
-OPENAI_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_NUM_MERGES = 49152 - 256 - 2  # lines 1..48894 of the file; line 0 is a header
 CLEAN_MODES = ("openai", "whitespace")  # "whitespace": collapse + lowercase only (no ftfy / HTML unescape)
 _CACHE_MAX = 131_072  # words kept in the per-instance BPE cache before it is cleared
@@ -270,18 +278,7 @@ class Tokenizer:
         cls, path: str | Path | None = None, context_length: int = 77, num_merges: int = OPENAI_NUM_MERGES
     ) -> Tokenizer:
         """From OpenAI's `bpe_simple_vocab_16e6.txt.gz`: the path given, or the copy a package ships."""
-        path = Path(path) if path is not None else find_openai_vocab()
-        if path.is_dir():
-            path = path / OPENAI_VOCAB_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"OpenAI BPE vocabulary not found: {path}")
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            lines = f.read().decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1 : num_merges + 1]]
-        bad = [(i + 1, m) for i, m in enumerate(merges) if len(m) != 2]
-        if bad:
-            raise ValueError(f"{path}: line {bad[0][0]} is not a merge ('a b'): {bad[0][1]!r}")
+        merges = _read_openai_merges(Path(path) if path is not None else find_openai_vocab(), num_merges)
         return cls.from_merges(merges, context_length=context_length)
 
     @classmethod
@@ -348,66 +345,6 @@ class Tokenizer:
             "clean": self.clean,
         }
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def find_openai_vocab() -> Path:
-    """Locate OpenAI's vocabulary inside an installed open_clip_torch or openai-clip, without importing it."""
-    for dist_name in ("open_clip_torch", "openai-clip"):
-        try:
-            dist = importlib.metadata.distribution(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for f in dist.files or ():
-            if f.name == OPENAI_VOCAB_FILE:
-                p = Path(str(dist.locate_file(f)))
-                if p.is_file():
-                    return p
-    raise FileNotFoundError(
-        f"OpenAI's BPE vocabulary ({OPENAI_VOCAB_FILE}) was not found in an installed package; pass its path "
-        "(Tokenizer.from_openai_vocab(path)) or `pip install --no-deps open_clip_torch`"
-    )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def _token_str(tok) -> str | None:
-    return tok.get("content") if isinstance(tok, dict) else tok
-
-
-def _read_vocab_merges(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    for p in (vocab_path, merges_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {p}")
-    vocab = _read_json(vocab_path)
-    merges = []
-    for n, line in enumerate(merges_path.read_text(encoding="utf-8").split("\n")):
-        if not line.strip() or (n == 0 and line.startswith("#version")):
-            continue
-        pair = tuple(line.split())
-        if len(pair) != 2:
-            raise ValueError(f"{merges_path}: line {n + 1} is not a merge ('a b'): {line!r}")
-        merges.append(pair)
-    return vocab, merges
-
-
-def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    data = _read_json(path)
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != EOW:
-        raise ValueError(
-            f"{path}: not a CLIP-style BPE tokenizer (model type {model.get('type')!r}, "
-            f"end_of_word_suffix {model.get('end_of_word_suffix')!r}; expected 'BPE' and {EOW!r})"
-        )
-    vocab = dict(model["vocab"])
-    for tok in data.get("added_tokens") or ():
-        vocab.setdefault(tok["content"], tok["id"])
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", ())]
-    return vocab, merges
 
 
 def count_words(texts: Iterable[str], clean: str = "openai") -> Counter[str]:
