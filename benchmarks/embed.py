@@ -6,7 +6,9 @@ One run, same JPEG files, same weights, same machine:
    - baseline, clip-retrieval style: OpenAI's clip/model.py (loaded by file path) holding the same weights,
      a torch DataLoader with PIL decoding and the standard eval transform, fp32, normalise, np.save;
    - ours fp32 (`clipforge.use.embed`; max abs difference to the baseline's embeddings reported, target
-     <= 1e-5), ours bf16 autocast (min cosine to our fp32, target >= 0.999), ours on ONNX Runtime, and
+     <= 1e-5), ours bf16 autocast and ours with bf16 weights (`precision="bf16-weights"`; min cosine to
+     our fp32, target >= 0.999; both skipped on CPUs without bf16 matrix instructions, where bf16 is
+     slower than fp32, unless --bf16-anyway), ours on ONNX Runtime, and
      ours fp32 with fast JPEG decoding at reduced scale (`EmbedOptions.fast_decode`: PIL draft, opt-in
      because it changes pixels; min cosine to our exact fp32).
    Both sides build their model before the clock starts (the baseline from the state dict in memory,
@@ -158,12 +160,13 @@ def bench_embedding(args, work: Path) -> list[dict]:
     runs = {
         "ours fp32": lambda out: ours(work / "photos", out, ckpt, **common),
         "ours bf16 autocast": lambda out: ours(work / "photos", out, ckpt, precision="bf16", **common),
+        "ours bf16 weights": lambda out: ours(work / "photos", out, ckpt, precision="bf16-weights", **common),
         "ours ONNX Runtime": lambda out: ours(work / "photos", out, work / "onnx", runtime="onnx", **common),
         "ours fp32 + fast decode": lambda out: ours(work / "photos", out, ckpt, fast_decode=True, **common),
     }
     if (slow := slow_bf16_reason()) and not args.bf16_anyway:
-        print(f"no bf16 row: {slow} (--bf16-anyway runs it)", file=sys.stderr)
-        del runs["ours bf16 autocast"]
+        print(f"no bf16 rows: {slow} (--bf16-anyway runs them)", file=sys.stderr)
+        del runs["ours bf16 autocast"], runs["ours bf16 weights"]
     baseline = "baseline (OpenAI model.py, PIL, fp32)"
     try:
         ref = openai_clip(model)

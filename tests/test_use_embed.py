@@ -3,12 +3,15 @@ counted and named; resume after a crash and --append give the rows of one uninte
 
 import json
 import tarfile
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import torch.nn.functional as F
 
+from clipforge import create_model
 from clipforge.use import EmbeddingStore, EmbedOptions, embed, open_encoder
 from clipforge.use import embedder as embed_module
 from helpers import openai_model_module
@@ -245,3 +248,30 @@ def test_fast_decode_is_close_to_exact_and_recorded(ckpt, tmp_path):
             ckpt,
             options=EmbedOptions(dtype="float32", progress=False, append=True, fast_decode=True),
         )
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
+def test_bf16_precisions_stay_close_to_fp32_and_leave_the_model_alone(preset):
+    """bf16 (autocast) and bf16-weights (a bf16 copy of the weights) give fp32 unit features close to
+    fp32's, with the same fingerprint; the caller's model keeps its fp32 weights."""
+    torch.manual_seed(0)
+    model = create_model(preset).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pixels = torch.randn(6, 3, model.config.vision.image_size, model.config.vision.image_size)
+    tokens = torch.randint(1, model.config.text.vocab_size - 1, (6, model.config.text.context_length))
+    tokens[:, -1] = model.config.text.vocab_size - 1  # EOT (the highest id) last
+    ref = open_encoder(model)
+    want_img, want_txt = ref.encode_pixels(pixels), ref.encode_tokens(tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # slow bf16 on this CPU: fine for six samples
+        for precision in ("bf16", "bf16-weights"):
+            enc = open_encoder(model, precision=precision)
+            img, txt = enc.encode_pixels(pixels), enc.encode_tokens(tokens)
+            assert img.dtype == txt.dtype == torch.float32 and enc.fingerprint == ref.fingerprint
+            assert (img * want_img).sum(-1).min() > 0.999, precision
+            assert (txt * want_txt).sum(-1).min() > 0.999, precision
+            assert not torch.equal(img, want_img)  # it did run in bf16
+    assert all(
+        v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items()
+    )
+    assert next(model.parameters()).dtype == torch.float32

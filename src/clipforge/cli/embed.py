@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..use.embedder import DTYPES, MODALITIES, EmbedOptions, embed
-from ..use.encoders import RUNTIMES
+from ..use.encoders import PRECISIONS, RUNTIMES
 from ..use.inputs import KINDS
 
 
@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-key", default="caption", help="manifest column of captions")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="torch autocast")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16 / fp16: autocast; bf16-weights: a bf16 copy of the weights (fastest on bf16-capable CPUs)",
+    )
     p.add_argument(
         "--fast-decode",
         action="store_true",

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..use.encoders import RUNTIMES
+from ..use.encoders import PRECISIONS, RUNTIMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--runtime", choices=RUNTIMES, default="torch")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--api-key-file", default=None, help="a file holding the API key (else CLIPFORGE_API_KEY)")
     p.add_argument("--no-batching", action="store_true", help="one forward per request")
     p.add_argument("--max-batch", type=int, default=32, help="items per forward")

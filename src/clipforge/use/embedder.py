@@ -251,6 +251,7 @@ def embed(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "append": opts.append,
         "runtime": enc.runtime,
+        "precision": getattr(enc, "precision", "fp32"),  # ONNX graphs run in the precision they hold
         "fast_decode": opts.fast_decode,
         "inputs_done_before": len(done),  # resumed or appended: these were not read again
     }
