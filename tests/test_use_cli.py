@@ -66,6 +66,9 @@ def test_cli_round_trip(tmp_path, capsys):
     capsys.readouterr()
     assert main(["classify", str(files[0]), "--model", onnx, "--runtime", "onnx", "--labels", "a,b"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["path"] == str(files[0])
+    argv = ["classify", str(files[0]), "--model", onnx, "--runtime", "onnx", "--labels", "a,b"]
+    assert main([*argv, "--precision", "bf16"]) == 1  # the graph's precision is fixed: said, not ignored
+    assert "is for the torch runtime" in capsys.readouterr().err
     # an ONNX run of the same model appends to the torch run's directory (same fingerprint)
     write_images(photos / "more", 2, seed=3)
     rc = main(

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..data.pairs import IMAGE_EXTS
 from ..use.classify import Classifier
-from ..use.encoders import RUNTIMES, open_encoder
+from ..use.encoders import PRECISIONS, RUNTIMES, open_encoder
+from .embed import default_workers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,10 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", action="append", default=None, help='e.g. "a photo of a {}." (repeatable)')
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="DataLoader processes decoding images (default: the usable cores, at most 4)",
+    )
     p.add_argument("--format", choices=("json", "csv"), default="json")
     p.add_argument("--output", default=None, help="write here instead of stdout")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="torch runtime (see embed --help)")
     p.set_defaults(func=run)
 
 
@@ -59,7 +67,8 @@ def read_labels(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    clf = Classifier(open_encoder(args.model, args.runtime), read_labels(args), args.template or ["{}"])
+    enc = open_encoder(args.model, args.runtime, device=args.device, precision=args.precision)
+    clf = Classifier(enc, read_labels(args), args.template or ["{}"])
     results, skipped = clf.classify(image_paths(args.images), args.top_k, args.batch_size, args.workers)
     if args.output:
         with open(args.output, "w", encoding="utf-8", newline="") as f:

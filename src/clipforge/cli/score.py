@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..data.pairs import manifest_rows
 from ..use.classify import clip_score
-from ..use.encoders import RUNTIMES, open_encoder
+from ..use.encoders import PRECISIONS, RUNTIMES, open_encoder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-key", default="caption")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="torch runtime (see embed --help)")
     p.add_argument("--json", action="store_true", help="print every pair as JSON")
     p.set_defaults(func=run)
 
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         images, captions = args.images, args.prompts
     else:
         raise ValueError("give --pairs FILE, or --images ... with --prompts ... (one per image)")
-    result = clip_score(open_encoder(args.model, args.runtime), images, captions, args.batch_size)
+    enc = open_encoder(args.model, args.runtime, device=args.device, precision=args.precision)
+    result = clip_score(enc, images, captions, args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

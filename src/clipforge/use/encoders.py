@@ -232,6 +232,11 @@ def open_encoder(
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     if runtime == "onnx":
+        if precision != "fp32":
+            raise ValueError(
+                f"precision {precision!r} is for the torch runtime: an ONNX graph runs in the precision "
+                "it was exported in"
+            )
         if isinstance(model, CLIP):
             raise TypeError("runtime='onnx' needs the directory export-onnx wrote, not a model object")
         return OnnxEncoder(
