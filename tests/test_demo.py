@@ -82,7 +82,7 @@ def test_demo_cli_parser():
     parser = argparse.ArgumentParser()
     demo.register(parser.add_subparsers())
     args = parser.parse_args(["demo", "--minutes", "2", "--seed", "3", "--out", "x"])
-    assert (args.minutes, args.seed, args.out, args.threads, args.func) == (2.0, 3, "x", 1, demo.run)
+    assert (args.minutes, args.seed, args.out, args.threads, args.func) == (2.0, 3, "x", 0, demo.run)
 
 
 def test_train_experiment_on_synthetic_data_and_resume(tmp_path):

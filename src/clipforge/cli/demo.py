@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="CPU threads (1 is fastest for this tiny model; numbers depend on it)",
+        default=0,
+        help="CPU threads (default 0: the usable cores, at most 4; use 1 on a machine shared with other "
+        "jobs; the numbers depend on it)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
