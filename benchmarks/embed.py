@@ -56,7 +56,7 @@ from _common import format_table, write_json
 from _search import SEARCH_COLUMNS, add_search_args, bench_search
 from clipforge import create_model, save_pretrained
 from clipforge.checkpoints import convert_clipforge_to_openai
-from clipforge.models.precision import slow_bf16_reason
+from clipforge.models.hardware import slow_bf16_reason
 from clipforge.tokenizer import Tokenizer
 from clipforge.transforms import PreprocessConfig, eval_transform
 from clipforge.use import EmbeddingStore, EmbedOptions, embed, open_encoder

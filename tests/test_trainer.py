@@ -247,11 +247,11 @@ def test_experiment_config_overrides_and_errors(tmp_path):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, native):
-    """bf16 autocast on an AVX2-only CPU runs 5x-400x slower than fp32 (models/precision.py): the trainer
+    """bf16 autocast on an AVX2-only CPU runs 5x-400x slower than fp32 (models/hardware.py): the trainer
     says so when it is built; where bf16 is native, it says nothing."""
-    from clipforge.models import precision
+    from clipforge.models import hardware
 
-    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: native)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         make_trainer(tmp_path, precision="bf16")

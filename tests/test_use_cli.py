@@ -116,10 +116,10 @@ def test_cli_embed_fast_decode_is_recorded(tmp_path, capsys):
 def test_cli_warns_in_one_line_where_bf16_is_slow(tmp_path, capsys, monkeypatch, native):
     """--precision bf16 on a CPU without bf16 matrix instructions (5x to 400x slower than fp32 there)
     says so once, as one line, and still embeds; on a bf16-capable CPU, or a GPU, nothing is said."""
-    from clipforge.models import precision
+    from clipforge.models import hardware
 
-    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: native)
-    assert precision.slow_bf16_reason("cuda") is None
+    monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: native)
+    assert hardware.slow_bf16_reason("cuda") is None
     ckpt = str(tiny_checkpoint(tmp_path / "ckpt"))
     write_images(tmp_path / "photos", 2)
     argv = ["embed", "--model", ckpt, "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "emb")]

@@ -15,7 +15,6 @@ demo says so.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from .data.memory import TensorPairs
 from .data.streams import BatchStream
 from .eval import RetrievalEvaluator, ZeroShotEvaluator
 from .models import create_model
-from .models.precision import native_bf16_cpu
+from .models.hardware import native_bf16_cpu, usable_cores
 from .tokenizer import train_bpe
 from .train.optim import build_optimizer, cosine_schedule
 from .train.runs import RunDir, seed_everything
@@ -80,11 +79,6 @@ class DemoConfig:
         if self.steps is not None:
             return max(1, self.steps)
         return max(10, int((self.minutes * 60 - OVERHEAD_S) * ASSUMED_STEPS_PER_S))
-
-
-def usable_cores(most: int = 4) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(most, cores or 1))
 
 
 def resolve_precision(precision: str) -> str:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from ..data.pairs import IMAGE_EXTS
+from ..models.hardware import usable_cores
 from ..use.classify import Classifier
 from ..use.encoders import PRECISIONS, RUNTIMES, open_encoder
-from .embed import default_workers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=default_workers(),
+        default=usable_cores(),
         help="DataLoader processes decoding images (default: the usable cores, at most 4)",
     )
     p.add_argument("--format", choices=("json", "csv"), default="json")

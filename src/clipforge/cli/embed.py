@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from ..models.hardware import usable_cores
 from ..use.embedder import DTYPES, MODALITIES, EmbedOptions, embed
 from ..use.encoders import PRECISIONS, RUNTIMES
 from ..use.inputs import KINDS
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=default_workers(),
+        default=usable_cores(),
         help="DataLoader processes decoding images (default: the usable cores, at most 4)",
     )
     p.add_argument("--part-size", type=int, default=10_000, help="inputs per part file")
@@ -53,13 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
-
-
-def default_workers(most: int = 4) -> int:
-    """The cores this process may use, at most `most`: more decoding processes than cores only compete
-    with the model (torch warns about it)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(most, cores or 1))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.state import StateFormatError
 from ..data.streams import BatchStream, IterableBatchStream
-from ..models.precision import slow_bf16_reason
+from ..models.hardware import slow_bf16_reason
 from .dist import any_rank, is_main
 from .fsdp import full_training_state, is_fsdp, load_full_training_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics

@@ -27,7 +27,7 @@ from ..checkpoints.io import build_model, preprocess_for, read_checkpoint, token
 from ..config import PRESETS, get_config
 from ..eval.features import model_fingerprint, tokenize
 from ..models.clip import CLIP
-from ..models.precision import slow_bf16_reason
+from ..models.hardware import slow_bf16_reason
 from ..tokenizer import Tokenizer
 from ..transforms import PreprocessConfig, eval_transform
 

@@ -1,4 +1,4 @@
-"""Whether reduced precision pays on a device.
+"""What this machine offers the models: bf16 matrix instructions, and how many cores a process may use.
 
 On a CPU, oneDNN runs bf16 matrix products fast only on cores with AVX512 (and fastest with AVX512-BF16 or
 AMX); on an AVX2-only CPU it converts to and from fp32 around slow kernels. Measured on a 2-core AVX2 AMD
@@ -8,6 +8,8 @@ AVX512-BF16 EPYC ran ~2x faster than fp32. Callers warn before running bf16 wher
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -29,3 +31,10 @@ def slow_bf16_reason(device: str | torch.device = "cpu") -> str | None:
         f"this CPU has no bf16 matrix instructions (torch sees {capability}; bf16 needs AVX512, best with "
         "AVX512-BF16 or AMX): bf16 runs several times slower than fp32 here"
     )
+
+
+def usable_cores(most: int = 4) -> int:
+    """The cores this process may use (its CPU affinity), at most `most`: the default for DataLoader
+    workers and for the demo's threads (more processes or threads than cores only compete)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(most, cores or 1))
