@@ -374,3 +374,26 @@ def test_fsdp_checkpoints_round_trip(ranks, tmp_path_factory):
         dcp.load(state, checkpoint_id=str(ranks[0]["sharded_dir"]))
     for k, v in trained.items():
         torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_cleanup_goes_on_when_the_teardown_hangs(monkeypatch, capsys):
+    """Gloo's destroy_process_group hangs once in a while after a finished run (pytorch#75097): cleanup
+    waits `timeout_s`, says so, and returns; leave_process does nothing outside torchrun."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from clipforge.train import dist as cf_dist
+
+    release = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: release.wait(30))
+    t0 = time.perf_counter()
+    cf_dist.cleanup(timeout_s=0.3)
+    assert 0.3 <= time.perf_counter() - t0 < 5
+    assert "leaving the process group took over 0 s; going on" in capsys.readouterr().out
+    release.set()
+    for k in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    cf_dist.leave_process(0)  # not under torchrun: returns

@@ -21,12 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.build import run_experiment
-    from ..train.dist import is_main
+    from ..train.dist import leave_process
     from ..train.experiment import load_experiment
-    from ..train.trainer import NonFiniteLossError, TrainingInterrupted
 
     exp = load_experiment(args.config, args.overrides)
+    code = _train(exp, args)
+    leave_process(code)  # torchrun: a finished rank ends here, whatever interpreter shutdown would wait on
+    return code
+
+
+def _train(exp, args: argparse.Namespace) -> int:
+    from ..train.build import run_experiment
+    from ..train.dist import is_main
+    from ..train.trainer import NonFiniteLossError, TrainingInterrupted
+
     try:
         result = run_experiment(exp, resume=args.resume, progress=not args.no_progress)
     except TrainingInterrupted as e:

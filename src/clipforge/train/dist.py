@@ -8,6 +8,8 @@ Without those variables everything here degrades to a single process: world 1, r
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -113,9 +115,29 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(timeout_s: float = 60.0) -> None:
+    """Leave the process group. Gloo's teardown can hang once in a while even after a barrier (2 CPU ranks
+    under load: about one run in 70 here; pytorch/pytorch#75097): after `timeout_s` the rank says so and
+    goes on, leaving the teardown thread behind (every result is written by then), and `leave_process`
+    ends the process without waiting for it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    done = threading.Thread(target=dist.destroy_process_group, name="destroy_process_group", daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        print(f"clipforge: leaving the process group took over {timeout_s:.0f} s; going on", flush=True)
+
+
+def leave_process(code: int) -> None:
+    """End a torchrun worker now, with `code`, once its results are written and its output flushed:
+    interpreter shutdown (a hung teardown thread above, gloo's destructors, joining worker processes) may
+    otherwise keep a finished rank alive and the launcher waiting. Outside torchrun, nothing happens."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and _env_int("WORLD_SIZE", 1) <= 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def any_rank(flag: bool) -> bool:
