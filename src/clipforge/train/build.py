@@ -12,6 +12,7 @@ the trainer itself does not, and data code gets only the fields it needs.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,12 @@ def run_experiment(exp: Experiment, resume: bool = False, progress: bool = True)
         if module is not None:
             export_model(module, built.tokenizer, exp.run.output_dir, built.preprocess)
         barrier()  # every rank leaves together: none tears the process group down under another
+        # DDP's reducer holds the process group: free the model while the group is alive, so the group is
+        # torn down inside cleanup(). Freed later (when this frame ends, after destroy_process_group), its
+        # destructor deadlocked in gloo once in a while (rank 1 stuck in pthread_mutex_lock in libtorch_cpu
+        # on returning from here, gloo's threads alive: a py-spy dump of CI's hung torchrun test).
+        del built, module
+        gc.collect()
     finally:
         cleanup()  # leave the process group (torchrun runs); nothing in a single process
         if lock is not None:
