@@ -168,6 +168,9 @@ def _malformed(client):
             "/v1/search", content=b"{not json", headers={"content-type": "application/json"}),
             400, "bad_json"),
         ("JSON array body", lambda: client.post("/v1/search", json=[1, 2]), 422, "invalid_request"),
+        ("JSON nested 100k deep", lambda: client.post(
+            "/v1/search", content=b'{"vector": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            headers={"content-type": "application/json"}), 400, "bad_json"),
         ("empty text", lambda: client.post("/v1/embed/text", json={"texts": ["  "]}), 400, "empty_text"),
         ("no texts", lambda: client.post("/v1/embed/text", json={"texts": []}), 400, "empty_text"),
         ("too many texts", lambda: client.post("/v1/embed/text", json={"texts": ["a"] * 9}), 413, "too_many"),

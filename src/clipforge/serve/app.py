@@ -226,6 +226,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: json's decoder recurses per level
+        raise ApiError(400, "bad_json", "the body is not usable JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the body must be a JSON object")
     return body
