@@ -196,6 +196,11 @@ def _malformed(client):
         ("template without {}", lambda: client.post(
             "/v1/classify", files={"files": ("a.png", png_bytes())},
             data={"labels": ["a"], "templates": ["no placeholder"]}), 400, "bad_template"),
+        ("templates as one string", lambda: client.post(
+            "/v1/classify", json={"images": [_b64(png_bytes())], "labels": ["a"], "templates": "a {}"}),
+            422, "bad_template"),
+        ("a label that is a number", lambda: client.post(
+            "/v1/classify", json={"images": [_b64(png_bytes())], "labels": [1]}), 422, "invalid_request"),
     ]  # fmt: skip
 
 
@@ -228,6 +233,9 @@ def test_add_images_while_serving(built, tmp_path):
         assert c.get(f"/v1/thumbnail/{N_IMAGES + 1}").status_code == 200
         assert c.get("/v1/health").json()["index"]["count"] == N_IMAGES + 2
         assert c.post("/v1/index/add", json={"images": [_b64(b"junk")]}).status_code == 400
+        for captions in (5, "x", [{"a": 1}], [7]):  # not a list of strings: refused, nothing written
+            r = c.post("/v1/index/add", json={"images": [_b64(new[0])], "captions": captions})
+            assert (r.status_code, r.json()["error"]) == (422, "bad_captions"), (captions, r.text)
     assert Searcher(mine).index.ntotal == N_IMAGES + 2  # on disk: a restart serves them too
     assert len(list((mine / "uploads").iterdir())) == 2
 

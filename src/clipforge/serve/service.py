@@ -114,7 +114,11 @@ class Service:
                 413, "too_many", f"{what}: {len(texts)} items, above the limit of {self.cfg.max_items}"
             )
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
+            if not isinstance(t, str):
+                raise ApiError(
+                    422, "invalid_request", f"{what}[{i}] must be a string, got {type(t).__name__}"
+                )
+            if not t.strip():
                 raise ApiError(400, "empty_text", f"{what}[{i}] is empty: give some text")
             if len(t) > self.cfg.max_text_chars:
                 raise ApiError(
@@ -289,11 +293,17 @@ class Service:
         (build_index adds only that part); later searches see them. Returns their row ids."""
         s = self._need_index()
         modalities = s.store.modalities()
-        captions = list(captions or [None] * len(uploads))
+        if captions is None and "text" in modalities:
+            raise ApiError(
+                422, "bad_captions", "this index embeds captions too: give captions, one per image"
+            )
+        captions = list(captions) if captions is not None else [None] * len(uploads)
         if len(captions) != len(uploads):
             raise ApiError(422, "bad_captions", f"{len(uploads)} images but {len(captions)} captions")
         if "text" in modalities:
             captions = self.check_texts(captions, "captions")  # this index embeds captions too
+        elif not all(c is None or isinstance(c, str) for c in captions):  # they go into the metadata
+            raise ApiError(422, "bad_captions", "captions: give strings (or null), one per image")
         fast_decode = bool(s.store.manifest.get("fast_decode", False))  # decode as the collection was
         feats, images = await self.embed_images(uploads, fast_decode)
         text_feats = await self.embed_texts(captions) if "text" in modalities else None
