@@ -24,9 +24,10 @@ from clipforge.cli import main as cli_main  # noqa: E402
 from clipforge.serve.app import create_app  # noqa: E402
 from clipforge.serve.config import ServeConfig, check_bind, is_loopback  # noqa: E402
 from clipforge.transforms import load_image, load_image_reduced  # noqa: E402
-from clipforge.use import EmbeddingStore  # noqa: E402
+from clipforge.use import EmbeddingStore, EmbedOptions, embed  # noqa: E402
 from clipforge.use.classify import Classifier  # noqa: E402
 from clipforge.use.embedder import append_rows  # noqa: E402
+from clipforge.use.index import build_index  # noqa: E402
 from clipforge.use.search import Searcher  # noqa: E402
 from serve_helpers import N_IMAGES, bomb_png, build_index_dir, make_service, png_bytes  # noqa: E402
 
@@ -238,6 +239,22 @@ def test_add_images_while_serving(built, tmp_path):
             assert (r.status_code, r.json()["error"]) == (422, "bad_captions"), (captions, r.text)
     assert Searcher(mine).index.ntotal == N_IMAGES + 2  # on disk: a restart serves them too
     assert len(list((mine / "uploads").iterdir())) == 2
+
+
+def test_adds_grow_the_caption_index_too(built, tmp_path):
+    """A directory embedded with captions and indexed for both modalities: an add through the server
+    grows the text index as well, so `clipforge search --modality text` sees the new rows."""
+    ckpt, _, images = built
+    both = tmp_path / "emb"
+    embed(images[0].parent, both, ckpt, options=EmbedOptions(modality="both", progress=False))
+    build_index(both)
+    build_index(both, modality="text")
+    with TestClient(create_app(make_service(ckpt, both))) as c:
+        r = c.post("/v1/index/add", json={"images": [_b64(png_bytes())], "captions": ["a brand new caption"]})
+        assert r.status_code == 200, r.text
+    text = Searcher(both, "text")
+    assert text.index.ntotal == text.store.count == N_IMAGES + 1
+    assert text.search(text.store.vectors([N_IMAGES], "text"), 1)[0][0]["id"] == N_IMAGES
 
 
 def test_adds_to_a_fast_decoded_index_are_decoded_the_same_way(built, tmp_path):

@@ -26,6 +26,7 @@ from ..use.classify import label_probabilities
 from ..use.embedder import append_rows
 from ..use.encoders import Encoder
 from ..use.index import build_index
+from ..use.index_files import index_paths
 from ..use.search import Searcher
 from .batcher import Batcher
 from .config import ServeConfig
@@ -329,6 +330,9 @@ class Service:
             feat_map = {"image": feats} if text_feats is None else {"image": feats, "text": text_feats}
             part = append_rows(self.index_dir, rows, feat_map, self.encoder.fingerprint, fast_decode)
             build_index(self.index_dir, modality=self.modality)
+            for other in feat_map.keys() - {self.modality}:  # an index of the other modality grows too
+                if index_paths(self.index_dir, other)[1].is_file():
+                    build_index(self.index_dir, modality=other)
             self.searcher = Searcher(self.index_dir, self.modality, encoder=self.encoder)
             self.metrics.index_vectors.set(value=self.searcher.index.ntotal)
             return list(range(part["first_id"], part["first_id"] + part["rows"]))
