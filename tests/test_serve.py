@@ -131,6 +131,7 @@ def test_thumbnail_by_id_only(client):
     img = Image.open(io.BytesIO(r.content))
     assert max(img.size) <= 256
     assert client.get("/v1/thumbnail/2?size=20").status_code == 200
+    assert client.get("/v1/thumbnail/2?size=0").json()["error"] == "bad_size"
     assert client.get(f"/v1/thumbnail/{N_IMAGES + 50}").json()["error"] == "unknown_id"
     for bad in ("-1", "..%2F..%2Fmanifest.json", "manifest.json", "1.5"):
         r = client.get(f"/v1/thumbnail/{bad}")

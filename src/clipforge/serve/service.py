@@ -282,7 +282,7 @@ class Service:
         return jpeg
 
     async def thumbnail(self, row_id: int, size: int | None = None) -> bytes:
-        size = size or self.cfg.thumbnail_size
+        size = self.cfg.thumbnail_size if size is None else size  # size=0 is out of range, not 'default'
         if not 16 <= size <= 1024:
             raise ApiError(422, "bad_size", f"size must be from 16 to 1024 pixels, got {size}")
         return await asyncio.to_thread(self._thumbnail, row_id, size)
