@@ -96,7 +96,12 @@ class Service:
         if self.searcher is not None:
             s = self.searcher
             index = {"count": int(s.index.ntotal), "kind": s.info["kind"], "modality": self.modality}
-        return {"model": self.encoder.describe(), "index": index, "batching": self.cfg.batching}
+        return {
+            "model": self.encoder.describe(),
+            "index": index,
+            "batching": self.cfg.batching,
+            "max_k": self.cfg.max_k,  # the page asks for at most this many results
+        }
 
     # ---------------------------------------------------------------------------------------------
     # the two towers (run in the batchers' threads)
