@@ -242,6 +242,21 @@ def test_add_images_while_serving(built, tmp_path):
     assert len(list((mine / "uploads").iterdir())) == 2
 
 
+def test_an_added_image_keeps_an_absolute_path(built, tmp_path, monkeypatch):
+    """Served as a relative --index: the path written for an upload was relative to the server's working
+    directory, so a server started from anywhere else answered its thumbnail with image_missing."""
+    ckpt, emb, _ = built
+    shutil.copytree(emb, tmp_path / "emb")
+    monkeypatch.chdir(tmp_path)
+    with TestClient(create_app(make_service(ckpt, "emb"))) as c:
+        new_id = c.post("/v1/index/add", files={"files": ("g.png", png_bytes())}).json()["ids"][0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with TestClient(create_app(make_service(ckpt, tmp_path / "emb"))) as c:
+        assert c.get(f"/v1/thumbnail/{new_id}").status_code == 200
+
+
 def test_adds_grow_the_caption_index_too(built, tmp_path):
     """A directory embedded with captions and indexed for both modalities: an add through the server
     grows the text index as well, so `clipforge search --modality text` sees the new rows."""

@@ -328,7 +328,7 @@ class Service:
                 if not path.exists():
                     img.save(path, format="PNG")
                 rows["key"].append(f"{UPLOADS}/{digest}.png")
-                rows["path"].append(str(path))
+                rows["path"].append(str(path.resolve()))  # absolute: the server may run from anywhere
                 rows["caption"].append(caption)
                 rows["width"].append(width)
                 rows["height"].append(height)
