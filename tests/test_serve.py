@@ -266,6 +266,7 @@ def test_adds_grow_the_caption_index_too(built, tmp_path):
     build_index(both)
     build_index(both, modality="text")
     with TestClient(create_app(make_service(ckpt, both))) as c:
+        assert c.post("/v1/index/add", json={}).json()["error"] == "no_image"  # before "give captions"
         r = c.post("/v1/index/add", json={"images": [_b64(png_bytes())], "captions": ["a brand new caption"]})
         assert r.status_code == 200, r.text
     text = Searcher(both, "text")

@@ -299,6 +299,7 @@ class Service:
         (build_index adds only that part); later searches see them. Returns their row ids."""
         s = self._need_index()
         modalities = s.store.modalities()
+        self.check_uploads(uploads)  # no image at all is the first thing to say
         if captions is None and "text" in modalities:
             raise ApiError(
                 422, "bad_captions", "this index embeds captions too: give captions, one per image"
