@@ -47,6 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import clipforge
 from clipforge.cli import main as cli
 from clipforge.eval.tasks import run_task
+from clipforge.lit.locking import LiTPolicy
 from clipforge.train.build import run_experiment
 from clipforge.train.experiment import load_experiment
 
@@ -273,6 +274,14 @@ def main() -> None:
     ap.add_argument("--pretrain-per-class", type=int, default=40, help="synthetic: images per seen class")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    try:  # before any data is written or tower trained
+        [LiTPolicy.parse(policy) for policy in args.policies.split(",")]
+    except ValueError as e:
+        ap.error(f"--policies: {e}")
+    for name in ("steps", "batch_size", "pretrain_steps", "train_pairs", "val_pairs", "eval_per_class",
+                 "pretrain_per_class"):  # fmt: skip
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = Path(args.text_tower) if args.text_tower else minilm_dir()

@@ -28,16 +28,19 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with native bf16)")
     args = p.parse_args()
-    cfg = StudyConfig(
-        images=args.images,
-        batch_size=args.batch_size,
-        evals=args.evals,
-        seeds=tuple(args.seeds),
-        contrastive_text=args.contrastive_text,
-        image_size=args.image_size,
-        train_images=args.train_images,
-        bf16=args.bf16,
-    )
+    try:
+        cfg = StudyConfig(
+            images=args.images,
+            batch_size=args.batch_size,
+            evals=args.evals,
+            seeds=tuple(args.seeds),
+            contrastive_text=args.contrastive_text,
+            image_size=args.image_size,
+            train_images=args.train_images,
+            bf16=args.bf16,
+        )
+    except ValueError as e:
+        p.error(str(e))  # one line and exit status 2, as for any other bad argument
     result = run_study(cfg, args.out)
     print(study_markdown(result))
     print(f"{result['seconds']:.0f} s; written: {args.out}/results.json, results.md, figure2.png")

@@ -35,6 +35,12 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=40, help="attacked images per shape")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if not 0.0 < args.text_rate <= 1.0:  # the second model must see some words, at most on every image
+        p.error(f"--text-rate must be in (0, 1], got {args.text_rate:g}")
+    if args.per_class < 1:
+        p.error(f"--per-class must be >= 1, got {args.per_class}")
+    if (args.steps is not None and args.steps < 1) or args.minutes <= 0:
+        p.error("--steps must be >= 1 and --minutes > 0")
     out = Path(args.out)
     images, labels, classnames = classification_set(
         ShapesConfig(image_size=64, seed=args.seed), args.per_class, "seen_eval", label="shape"

@@ -1,7 +1,10 @@
 """Figure 2's predictive objectives: the losses against loop references, the models' zero-shot scores
 against their own predictions, the bag-of-words text tower, and a tiny objectives study end to end."""
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +153,28 @@ def test_tiny_objectives_study(tmp_path):
     assert "paper 3x" in (tmp_path / "results.md").read_text() and (tmp_path / "figure2.png").exists()
     with pytest.raises(ValueError, match="unknown objectives"):
         StudyConfig(objectives=("lm",))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--evals", "0"], "evals must be >= 1, got 0"),
+        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["--train-images", "0"], "train_images must be >= 1, got 0"),
+        (["--image-size", "3"], "image_size must be >= 16, got 3"),
+        (["--images", "10", "--batch-size", "64"], "images (10) must be at least one batch (64)"),
+    ],
+)
+def test_the_example_refuses_bad_arguments_in_one_line(argv, message, monkeypatch, capsys, tmp_path):
+    """examples/objectives_study.py: a usage error before any work (these were ZeroDivisionError
+    tracebacks, some after generating the data)."""
+    path = Path(__file__).parents[1] / "examples" / "objectives_study.py"
+    spec = importlib.util.spec_from_file_location("objectives_study_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(sys, "argv", ["objectives_study.py", "--out", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        example.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()

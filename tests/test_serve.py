@@ -24,9 +24,10 @@ from clipforge.cli import main as cli_main  # noqa: E402
 from clipforge.serve.app import create_app  # noqa: E402
 from clipforge.serve.config import ServeConfig, check_bind, is_loopback  # noqa: E402
 from clipforge.transforms import load_image, load_image_reduced  # noqa: E402
-from clipforge.use import EmbeddingStore  # noqa: E402
+from clipforge.use import EmbeddingStore, EmbedOptions, embed  # noqa: E402
 from clipforge.use.classify import Classifier  # noqa: E402
 from clipforge.use.embedder import append_rows  # noqa: E402
+from clipforge.use.index import build_index  # noqa: E402
 from clipforge.use.search import Searcher  # noqa: E402
 from serve_helpers import N_IMAGES, bomb_png, build_index_dir, make_service, png_bytes  # noqa: E402
 
@@ -130,6 +131,7 @@ def test_thumbnail_by_id_only(client):
     img = Image.open(io.BytesIO(r.content))
     assert max(img.size) <= 256
     assert client.get("/v1/thumbnail/2?size=20").status_code == 200
+    assert client.get("/v1/thumbnail/2?size=0").json()["error"] == "bad_size"
     assert client.get(f"/v1/thumbnail/{N_IMAGES + 50}").json()["error"] == "unknown_id"
     for bad in ("-1", "..%2F..%2Fmanifest.json", "manifest.json", "1.5"):
         r = client.get(f"/v1/thumbnail/{bad}")
@@ -168,6 +170,9 @@ def _malformed(client):
             "/v1/search", content=b"{not json", headers={"content-type": "application/json"}),
             400, "bad_json"),
         ("JSON array body", lambda: client.post("/v1/search", json=[1, 2]), 422, "invalid_request"),
+        ("JSON nested 100k deep", lambda: client.post(
+            "/v1/search", content=b'{"vector": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            headers={"content-type": "application/json"}), 400, "bad_json"),
         ("empty text", lambda: client.post("/v1/embed/text", json={"texts": ["  "]}), 400, "empty_text"),
         ("no texts", lambda: client.post("/v1/embed/text", json={"texts": []}), 400, "empty_text"),
         ("too many texts", lambda: client.post("/v1/embed/text", json={"texts": ["a"] * 9}), 413, "too_many"),
@@ -193,6 +198,11 @@ def _malformed(client):
         ("template without {}", lambda: client.post(
             "/v1/classify", files={"files": ("a.png", png_bytes())},
             data={"labels": ["a"], "templates": ["no placeholder"]}), 400, "bad_template"),
+        ("templates as one string", lambda: client.post(
+            "/v1/classify", json={"images": [_b64(png_bytes())], "labels": ["a"], "templates": "a {}"}),
+            422, "bad_template"),
+        ("a label that is a number", lambda: client.post(
+            "/v1/classify", json={"images": [_b64(png_bytes())], "labels": [1]}), 422, "invalid_request"),
     ]  # fmt: skip
 
 
@@ -225,8 +235,43 @@ def test_add_images_while_serving(built, tmp_path):
         assert c.get(f"/v1/thumbnail/{N_IMAGES + 1}").status_code == 200
         assert c.get("/v1/health").json()["index"]["count"] == N_IMAGES + 2
         assert c.post("/v1/index/add", json={"images": [_b64(b"junk")]}).status_code == 400
+        for captions in (5, "x", [{"a": 1}], [7]):  # not a list of strings: refused, nothing written
+            r = c.post("/v1/index/add", json={"images": [_b64(new[0])], "captions": captions})
+            assert (r.status_code, r.json()["error"]) == (422, "bad_captions"), (captions, r.text)
     assert Searcher(mine).index.ntotal == N_IMAGES + 2  # on disk: a restart serves them too
     assert len(list((mine / "uploads").iterdir())) == 2
+
+
+def test_an_added_image_keeps_an_absolute_path(built, tmp_path, monkeypatch):
+    """Served as a relative --index: the path written for an upload was relative to the server's working
+    directory, so a server started from anywhere else answered its thumbnail with image_missing."""
+    ckpt, emb, _ = built
+    shutil.copytree(emb, tmp_path / "emb")
+    monkeypatch.chdir(tmp_path)
+    with TestClient(create_app(make_service(ckpt, "emb"))) as c:
+        new_id = c.post("/v1/index/add", files={"files": ("g.png", png_bytes())}).json()["ids"][0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with TestClient(create_app(make_service(ckpt, tmp_path / "emb"))) as c:
+        assert c.get(f"/v1/thumbnail/{new_id}").status_code == 200
+
+
+def test_adds_grow_the_caption_index_too(built, tmp_path):
+    """A directory embedded with captions and indexed for both modalities: an add through the server
+    grows the text index as well, so `clipforge search --modality text` sees the new rows."""
+    ckpt, _, images = built
+    both = tmp_path / "emb"
+    embed(images[0].parent, both, ckpt, options=EmbedOptions(modality="both", progress=False))
+    build_index(both)
+    build_index(both, modality="text")
+    with TestClient(create_app(make_service(ckpt, both))) as c:
+        assert c.post("/v1/index/add", json={}).json()["error"] == "no_image"  # before "give captions"
+        r = c.post("/v1/index/add", json={"images": [_b64(png_bytes())], "captions": ["a brand new caption"]})
+        assert r.status_code == 200, r.text
+    text = Searcher(both, "text")
+    assert text.index.ntotal == text.store.count == N_IMAGES + 1
+    assert text.search(text.store.vectors([N_IMAGES], "text"), 1)[0][0]["id"] == N_IMAGES
 
 
 def test_adds_to_a_fast_decoded_index_are_decoded_the_same_way(built, tmp_path):

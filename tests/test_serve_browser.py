@@ -101,3 +101,29 @@ def test_search_page_query_upload_labels(browser, tmp_path):
         page.wait_for_function(f"document.querySelector('.tile')?.dataset.id === '{expected[0]['id']}'")
         assert not errors, errors
         page.close()
+
+
+def test_page_under_a_low_max_k_and_a_hostile_caption(browser, tmp_path):
+    """A server started with --max-k 5 (the page asked for 24 and every search failed with bad_k), and a
+    caption holding HTML shown as text, never run."""
+    ckpt, emb, images = build_index_dir(tmp_path)
+    service = make_service(ckpt, emb, max_k=5)
+    caption = '<img src=x onerror="window.hacked=1"><script>window.hacked=2</script>'
+    with running(create_app(service)) as base:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        new_id = page.request.post(
+            base + "/v1/index/add",
+            multipart={
+                "files": {"name": "x.png", "mimeType": "image/png", "buffer": images[1].read_bytes()},
+                "captions": caption,
+            },
+        ).json()["ids"][0]
+        page.goto(f"{base}/?id={new_id}")
+        page.wait_for_function("document.querySelector('.tile') || document.querySelector('#message.error')")
+        assert page.locator(".tile").count() == 5, page.inner_text("#message")
+        assert page.locator(".tile .key").first.inner_text() == caption  # the markup as text
+        assert page.evaluate("window.hacked") is None
+        assert not errors, errors
+        page.close()

@@ -226,6 +226,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: json's decoder recurses per level
+        raise ApiError(400, "bad_json", "the body is not usable JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the body must be a JSON object")
     return body
@@ -324,6 +326,8 @@ def create_app(service: Service) -> FastAPI:
         if not isinstance(labels, list) or not labels:
             raise ApiError(422, "no_labels", "labels: give a list of label strings")
         templates = fields.get("templates") or ["{}"]
+        if not isinstance(templates, list):  # a bare string would be read one character at a time
+            raise ApiError(422, "bad_template", 'templates: give a list of strings, e.g. ["a photo of {}."]')
         top_k = _int(_one(fields, "top_k", 5), "top_k")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise ApiError(422, "bad_top_k", "top_k must be a positive integer")
@@ -393,6 +397,8 @@ def create_app(service: Service) -> FastAPI:
         """Embed images and add them to the served index (a new part; the index grows in place)."""
         uploads, fields = await read_upload_request(request, service)
         captions = fields.get("captions")
+        if captions is not None and not isinstance(captions, list):
+            raise ApiError(422, "bad_captions", "captions: give a list of strings, one per image")
         ids = await bounded(service.add_images(uploads, captions))
         return {"ids": ids, "count": int(service.searcher.index.ntotal)}
 

@@ -26,6 +26,7 @@ from ..use.classify import label_probabilities
 from ..use.embedder import append_rows
 from ..use.encoders import Encoder
 from ..use.index import build_index
+from ..use.index_files import index_paths
 from ..use.search import Searcher
 from .batcher import Batcher
 from .config import ServeConfig
@@ -95,7 +96,12 @@ class Service:
         if self.searcher is not None:
             s = self.searcher
             index = {"count": int(s.index.ntotal), "kind": s.info["kind"], "modality": self.modality}
-        return {"model": self.encoder.describe(), "index": index, "batching": self.cfg.batching}
+        return {
+            "model": self.encoder.describe(),
+            "index": index,
+            "batching": self.cfg.batching,
+            "max_k": self.cfg.max_k,  # the page asks for at most this many results
+        }
 
     # ---------------------------------------------------------------------------------------------
     # the two towers (run in the batchers' threads)
@@ -114,7 +120,11 @@ class Service:
                 413, "too_many", f"{what}: {len(texts)} items, above the limit of {self.cfg.max_items}"
             )
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
+            if not isinstance(t, str):
+                raise ApiError(
+                    422, "invalid_request", f"{what}[{i}] must be a string, got {type(t).__name__}"
+                )
+            if not t.strip():
                 raise ApiError(400, "empty_text", f"{what}[{i}] is empty: give some text")
             if len(t) > self.cfg.max_text_chars:
                 raise ApiError(
@@ -277,7 +287,7 @@ class Service:
         return jpeg
 
     async def thumbnail(self, row_id: int, size: int | None = None) -> bytes:
-        size = size or self.cfg.thumbnail_size
+        size = self.cfg.thumbnail_size if size is None else size  # size=0 is out of range, not 'default'
         if not 16 <= size <= 1024:
             raise ApiError(422, "bad_size", f"size must be from 16 to 1024 pixels, got {size}")
         return await asyncio.to_thread(self._thumbnail, row_id, size)
@@ -289,11 +299,18 @@ class Service:
         (build_index adds only that part); later searches see them. Returns their row ids."""
         s = self._need_index()
         modalities = s.store.modalities()
-        captions = list(captions or [None] * len(uploads))
+        self.check_uploads(uploads)  # no image at all is the first thing to say
+        if captions is None and "text" in modalities:
+            raise ApiError(
+                422, "bad_captions", "this index embeds captions too: give captions, one per image"
+            )
+        captions = list(captions) if captions is not None else [None] * len(uploads)
         if len(captions) != len(uploads):
             raise ApiError(422, "bad_captions", f"{len(uploads)} images but {len(captions)} captions")
         if "text" in modalities:
             captions = self.check_texts(captions, "captions")  # this index embeds captions too
+        elif not all(c is None or isinstance(c, str) for c in captions):  # they go into the metadata
+            raise ApiError(422, "bad_captions", "captions: give strings (or null), one per image")
         fast_decode = bool(s.store.manifest.get("fast_decode", False))  # decode as the collection was
         feats, images = await self.embed_images(uploads, fast_decode)
         text_feats = await self.embed_texts(captions) if "text" in modalities else None
@@ -312,13 +329,16 @@ class Service:
                 if not path.exists():
                     img.save(path, format="PNG")
                 rows["key"].append(f"{UPLOADS}/{digest}.png")
-                rows["path"].append(str(path))
+                rows["path"].append(str(path.resolve()))  # absolute: the server may run from anywhere
                 rows["caption"].append(caption)
                 rows["width"].append(width)
                 rows["height"].append(height)
             feat_map = {"image": feats} if text_feats is None else {"image": feats, "text": text_feats}
             part = append_rows(self.index_dir, rows, feat_map, self.encoder.fingerprint, fast_decode)
             build_index(self.index_dir, modality=self.modality)
+            for other in feat_map.keys() - {self.modality}:  # an index of the other modality grows too
+                if index_paths(self.index_dir, other)[1].is_file():
+                    build_index(self.index_dir, modality=other)
             self.searcher = Searcher(self.index_dir, self.modality, encoder=self.encoder)
             self.metrics.index_vectors.set(value=self.searcher.index.ntotal)
             return list(range(part["first_id"], part["first_id"] + part["rows"]))

@@ -75,6 +75,12 @@ class StudyConfig:
             raise ValueError(
                 f"contrastive_text must be 'bow' or 'transformer', got {self.contrastive_text!r}"
             )
+        for name in ("batch_size", "evals", "train_images", "eval_per_class"):
+            if getattr(self, name) < 1:  # each divides something or sizes a set
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        ShapesConfig(image_size=self.image_size)  # its own checks (image_size >= 16), before any work
         if self.images < self.batch_size:
             raise ValueError(f"images ({self.images}) must be at least one batch ({self.batch_size})")
 

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const K = 24; // results per search
+const K = 24; // results per search, or the server's --max-k when lower
+let k = K;
 let apiKey = sessionStorage.getItem("clipforge-api-key") || "";
 let hasIndex = false;
 let lastFile = null;
@@ -82,9 +83,9 @@ function fromUrl() {
   const p = new URLSearchParams(location.search);
   if (p.has("q") && p.get("q").trim()) {
     $("q").value = p.get("q");
-    search(jsonBody({ text: p.get("q"), k: K }), `“${p.get("q")}”`);
+    search(jsonBody({ text: p.get("q"), k }), `“${p.get("q")}”`);
   } else if (p.has("id") && /^\d+$/.test(p.get("id"))) {
-    search(jsonBody({ id: Number(p.get("id")), k: K }), `row ${p.get("id")}`);
+    search(jsonBody({ id: Number(p.get("id")), k }), `row ${p.get("id")}`);
   }
 }
 
@@ -147,7 +148,7 @@ async function useFile(file) {
   history.pushState({}, "", location.pathname); // an upload cannot live in the URL
   const form = new FormData();
   form.append("file", file);
-  form.append("k", String(K));
+  form.append("k", String(k));
   await Promise.all([hasIndex ? search({ method: "POST", body: form }, file.name) : null, classify(file)]);
 }
 
@@ -185,6 +186,7 @@ async function start_status() {
   try {
     const h = await api("/v1/health");
     hasIndex = !!h.index;
+    k = Math.min(K, h.max_k || K);
     $("status").textContent = hasIndex
       ? `${h.index.count} images · ${h.index.kind} index · ${h.model.runtime}`
       : `no index · ${h.model.runtime}`;
