@@ -150,3 +150,10 @@ def test_cli_plan_writes_json_and_markdown(tmp_path, capsys):
     assert "| ViT-B-32 |" in md and "RN50x64 on 592 V100" in md
     assert "ViT-B-32" in capsys.readouterr().out
     assert main(["plan", "--gpu", "k80", "--output", str(out)]) == 1
+
+
+def test_cli_unknown_preset_is_one_plain_line(tmp_path, capsys):
+    assert main(["plan", "--preset", "ViT-B-23", "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    # a KeyError's str() is its repr: the line used to read error: "unknown model 'ViT-B-23'; known: ..."
+    assert err.startswith("clipforge plan: error: unknown model 'ViT-B-23'; known: RN50") and '"' not in err
