@@ -258,11 +258,12 @@ def test_experiment_config_overrides_and_errors(tmp_path):
      ("run.checkpoint_every=-1", "run.checkpoint_every must be >= 0"),  # was: a checkpoint every step
      ("run.eval_every=-2", "run.eval_every must be >= 0"),
      ("model.context_length=0", "model.context_length must be >= 2"),  # was: the preset's, recorded as 0
-     ("model.image_unlocked_blocks=-1", "model.image_unlocked_blocks must be >= 0")],
+     ("model.image_unlocked_blocks=-1", "model.image_unlocked_blocks must be >= 0"),
+     ("model.vocab_size=300", "model.vocab_size must be at least 514 with model.tokenizer=bpe")],
 )  # fmt: skip
 def test_out_of_range_settings_are_refused_naming_the_key(override, message):
     with pytest.raises(ValueError) as e:
-        load_experiment(None, [override])
+        load_experiment(None, ["model.tokenizer=bpe", override])
     assert message in str(e.value)
 
 

@@ -22,6 +22,7 @@ import yaml
 
 from ..data.sources import SOURCES
 from ..loss import OBJECTIVES
+from ..tokenizer import base_symbols
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class ModelSpec:
         for key in ("image_unlocked_blocks", "text_unlocked_blocks"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        smallest = len(base_symbols()) + 2  # the byte symbols + SOT/EOT (else found after reading the data)
+        if self.tokenizer == "bpe" and self.vocab_size is not None and self.vocab_size < smallest:
+            raise ValueError(
+                f"model.vocab_size must be at least {smallest} with model.tokenizer=bpe (byte symbols + "
+                f"SOT/EOT), got {self.vocab_size}"
+            )
 
 
 @dataclass(frozen=True)
