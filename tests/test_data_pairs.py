@@ -184,6 +184,21 @@ def test_empty_sources_are_errors_that_name_them(tmp_path):
         ds[0]
 
 
+def test_a_manifest_root_that_does_not_exist_is_named(tmp_path, capsys):
+    from clipforge.cli import main
+
+    (tmp_path / "m.csv").write_text("image,caption\na.jpg,hello\nb.jpg,world\n")
+    with pytest.raises(FileNotFoundError, match=r"m\.csv: root folder of its image paths not found: .*nope"):
+        ManifestPairs(tmp_path / "m.csv", root=tmp_path / "nope")
+    # `clipforge train data.root=<typo>` ran until 'N consecutive samples failed to load', a traceback
+    argv = ["train", "--no-progress", "data.kind=manifest", f"data.train={tmp_path / 'm.csv'}",
+            f"data.root={tmp_path / 'nope'}", "model.tokenizer=openai", "train.batch_size=2",
+            f"run.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "root folder of its image paths not found" in err and "Traceback" not in err
+
+
 def test_skip_counter_rejects_unknown_reason_and_merges():
     a, b = SkipCounter("a"), SkipCounter("b")
     a.record("missing_image", "x.jpg")

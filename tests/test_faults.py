@@ -52,6 +52,29 @@ def test_second_run_on_a_locked_dir_is_refused_naming_the_holder(tmp_path, capsy
     RunLock(tmp_path / "run").acquire().release()  # released on exit: free again
 
 
+def test_a_fresh_run_in_a_directory_with_checkpoints_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    every = ("run.checkpoint_every=1", "run.keep_last=2")
+    assert main(["train", "--no-progress", *_train_args(out, 3, *every)]) == 0
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    capsys.readouterr()
+    # without --resume it used to start from step 0 and keep_last deleted its own checkpoints (older than the
+    # old run's), so the directory mixed two runs and a later --resume picked the old run's step 3
+    assert main(["train", "--no-progress", *_train_args(out, 2, *every)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run (newest checkpoint step-00000003.safetensors)" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before  # nothing touched
+    assert main(["train", "--no-progress", "--resume", *_train_args(out, 4)]) == 0  # --resume continues it
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a run\n")
+    assert main(["train", "--no-progress", *_train_args(tmp_path / "taken")]) == 1
+    err = capsys.readouterr().err
+    assert f"run.output_dir {tmp_path / 'taken'} exists and is not a directory" in err
+
+
 def test_stale_lock_after_kill9_is_taken_over(tmp_path):
     code = (
         "import os, sys; from clipforge.train.runlock import RunLock; "

@@ -127,6 +127,20 @@ def _tokens(n: int) -> torch.Tensor:
     return t
 
 
+def test_a_refused_cache_names_the_differing_fields_briefly(model, tmp_path):
+    data = Images(4)
+    cache_embeddings(model.visual, data, tmp_path, preprocess=PRE, progress=False)
+    other = copy.deepcopy(model.visual)
+    with torch.no_grad():
+        other.proj[0, 0] += 1e-3
+    with pytest.raises(CacheMismatchError) as e:
+        cache_embeddings(other, data, tmp_path, preprocess={**PRE, "image_size": 32}, progress=False)
+    msg = str(e.value)
+    # it printed both whole fingerprints (two 64-hex hashes and every preprocessing field), ~600 characters
+    assert "fingerprint.weights: cache has '" in msg and "fingerprint.preprocess.image_size: cache has" in msg
+    assert "mean" not in msg and len(msg.replace(str(tmp_path), "")) < 250
+
+
 def test_training_from_cache_never_runs_the_tower(model, tmp_path):
     from clipforge.data.streams import BatchStream
     from clipforge.train.optim import build_optimizer

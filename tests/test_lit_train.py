@@ -3,6 +3,8 @@ with a locked image tower read from its embedding cache (never run)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -206,3 +208,20 @@ def test_resume_refuses_another_image_tower(tmp_path, tower_dir, monkeypatch, ca
     assert main(["train", "--no-progress", "--resume", *_overrides(out, tower, "train.steps=5")]) == 1
     err = capsys.readouterr().err
     assert "cannot resume" in err and "the weights of model.image_tower are not the run's" in err
+
+
+def test_text_tower_checkpoint_without_tokenizer_says_what_to_use(tmp_path, capsys):
+    from clipforge import create_model
+    from clipforge.config import get_config
+
+    cfg = get_config("tiny-vit")
+    model = create_model(cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=600, context_length=16)))
+    ckpt = clipforge.save_pretrained(model, tmp_path / "weights")  # no tokenizer files
+    out = tmp_path / "run"
+    argv = ["model.lit=LU", f"model.image_tower={ckpt}", f"model.text_tower={ckpt}", "train.batch_size=8",
+            "data.synthetic_train=16", "train.steps=1", f"run.output_dir={out}"]  # fmt: skip
+    assert main(["train", "--no-progress", *argv]) == 1
+    err = capsys.readouterr().err
+    # it said "the checkpoint carries no tokenizer; pass tokenizer=", an argument the command line has not
+    assert f"text tower {ckpt}: the checkpoint carries no tokenizer for its 600-token vocabulary" in err
+    assert "a run's model/" in err and "Traceback" not in err

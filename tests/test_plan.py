@@ -150,3 +150,26 @@ def test_cli_plan_writes_json_and_markdown(tmp_path, capsys):
     assert "| ViT-B-32 |" in md and "RN50x64 on 592 V100" in md
     assert "ViT-B-32" in capsys.readouterr().out
     assert main(["plan", "--gpu", "k80", "--output", str(out)]) == 1
+
+
+def test_cli_unknown_preset_is_one_plain_line(tmp_path, capsys):
+    assert main(["plan", "--preset", "ViT-B-23", "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    # a KeyError's str() is its repr: the line used to read error: "unknown model 'ViT-B-23'; known: ..."
+    assert err.startswith("clipforge plan: error: unknown model 'ViT-B-23'; known: RN50") and '"' not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--samples", "inf"], "samples must be a positive number, got inf"),  # was a traceback
+     (["--micro-batch", "0"], "micro_batch must be in [1, batch / gpus = 128], got 0"),  # was: the default
+     (["--micro-batch", "4096"], "micro_batch must be in [1, batch / gpus = 128], got 4096"),
+     (["--text-tokens", "-3"], "text_tokens must be >= 1, got -3"),  # was: negative text FLOPs
+     (["--text-tokens", "100"], "text_tokens=100 is more than the text context of ViT-B-32 (77)")],
+)  # fmt: skip
+def test_cli_plan_refuses_impossible_settings(tmp_path, capsys, argv, message):
+    argv = ["plan", "--preset", "ViT-B-32", *argv, "--output", str(tmp_path / "p")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"clipforge plan: error: {message}\n"
+    assert not (tmp_path / "p").exists()

@@ -88,3 +88,14 @@ def test_settings_added_by_a_newer_version_do_not_block_a_resume():
     check_resume_config(saved, current)  # no error: train.compile did not exist when the run started
     with pytest.raises(ResumeConfigError, match=r"model\.preset"):
         check_resume_config(saved, {**current, "model": {"preset": "tiny-rn"}})
+
+
+def test_fewer_steps_than_the_checkpoint_are_refused(finished):
+    out = finished  # 4 steps done
+    before = (out / "experiment.yaml").read_text()
+    # it "trained" 4 steps in 0 s and experiment.yaml then said train.steps: 2, for a 4-step model
+    with pytest.raises(ValueError, match=r"step-00000004\.safetensors is at step 4, past this run's 2 steps"):
+        run_experiment(load_experiment(None, _args(out, "train.steps=2")), resume=True, progress=False)
+    assert (out / "experiment.yaml").read_text() == before
+    res = run_experiment(load_experiment(None, _args(out, "train.steps=4")), resume=True, progress=False)
+    assert res.step == 4 and res.losses == []  # a finished run resumed as it was: nothing left to do

@@ -245,6 +245,28 @@ def test_experiment_config_overrides_and_errors(tmp_path):
         load_experiment(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("optim.lr=-1", "optim.lr must be > 0, got -1.0"),  # torch said "Invalid learning rate", after the data
+     ("optim.lr=.inf", "optim.lr must be > 0, got inf"),  # YAML infinity
+     ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),  # was trained with, silently
+     ("optim.grad_clip=0", "optim.grad_clip must be > 0 (or null: no clipping)"),  # was: every update zeroed
+     ("optim.beta2=1.5", "optim.beta2 must be in [0, 1)"),
+     ("optim.eps=0", "optim.eps must be > 0"),
+     ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0"),
+     ("optim.min_lr=1", "optim.min_lr must be in [0, optim.lr]"),
+     ("run.checkpoint_every=-1", "run.checkpoint_every must be >= 0"),  # was: a checkpoint every step
+     ("run.eval_every=-2", "run.eval_every must be >= 0"),
+     ("model.context_length=0", "model.context_length must be >= 2"),  # was: the preset's, recorded as 0
+     ("model.image_unlocked_blocks=-1", "model.image_unlocked_blocks must be >= 0"),
+     ("model.vocab_size=300", "model.vocab_size must be at least 514 with model.tokenizer=bpe")],
+)  # fmt: skip
+def test_out_of_range_settings_are_refused_naming_the_key(override, message):
+    with pytest.raises(ValueError) as e:
+        load_experiment(None, ["model.tokenizer=bpe", override])
+    assert message in str(e.value)
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, native):
     """bf16 autocast on an AVX2-only CPU runs 5x-400x slower than fp32 (models/hardware.py): the trainer

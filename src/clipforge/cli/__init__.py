@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, RunLockedError) as e:
         # bad input and full disks: one line naming the file and the problem, never a traceback
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        if isinstance(e, KeyError) and len(e.args) == 1:
+            msg = str(e.args[0])  # str(KeyError) is the repr, in quotes
         print(f"clipforge {args.command}: error: {msg}", file=sys.stderr)
         return 1
 

@@ -50,11 +50,27 @@ def tower_fingerprint(tower: nn.Module, preprocess: Mapping[str, Any]) -> dict[s
     return {"weights": weights_hash(tower), "preprocess": pre}
 
 
+def _differences(found: Any, expected: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, found, expected) of every differing leaf: nested settings are compared field by field,
+    so the message names `fingerprint.weights`, not two whole fingerprint dicts."""
+    if isinstance(found, Mapping) and isinstance(expected, Mapping):
+        out = []
+        for k in sorted(set(found) | set(expected)):
+            out += _differences(found.get(k), expected.get(k), f"{key}.{k}" if key else str(k))
+        return out
+    return [] if found == expected else [(key, found, expected)]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:16] + "..." + text[-8:]  # hashes, file lists
+
+
 def _mismatch(found: Mapping[str, Any], expected: Mapping[str, Any], where: Path) -> str | None:
-    diffs = [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
+    diffs = _differences(found, expected)
     if not diffs:
         return None
-    parts = [f"{k}: cache has {found.get(k)!r}, expected {expected.get(k)!r}" for k in diffs]
+    parts = [f"{k}: cache has {_short(f)}, expected {_short(e)}" for k, f, e in diffs]
     return f"{where}: the embedding cache was made differently ({'; '.join(parts)})"
 
 

@@ -170,6 +170,8 @@ def read_manifest(
     fmt = manifest_format(path, fmt)
     skips = skips if skips is not None else SkipCounter(str(path))
     base = Path(root) if root is not None else path.parent
+    if not base.is_dir():  # else every image is "missing" and the run stops on consecutive failures
+        raise FileNotFoundError(f"{path}: root folder of its image paths not found: {base}")
     merged: dict[Path, list[str]] = {}
     keys_seen: set[str] = set()
     for n, row in manifest_rows(path, fmt, skips, strict):

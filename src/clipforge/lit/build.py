@@ -128,7 +128,11 @@ def build_lit_model(
         text_cfg = clip.config.text
         tokenizer = tok if tok is not None else tokenizer
         if tokenizer is None:
-            raise ValueError(f"{text}: the checkpoint carries no tokenizer; pass tokenizer=")
+            raise ValueError(
+                f"text tower {text}: the checkpoint carries no tokenizer for its {text_cfg.vocab_size}-token "
+                "vocabulary; use a directory that holds the model with its tokenizer (a clipforge or HF CLIP "
+                "directory, e.g. a run's model/), or from Python pass tokenizer="
+            )
         if policy.text.pretrained:
             text_tower = clip.text
     else:

@@ -43,7 +43,7 @@ from .runs import RunDir, seed_everything
 from .step import make_step_fn
 from .trainer import Trainer, TrainResult
 
-__all__ = ["Built", "build_trainer", "export_model", "run_experiment"]
+__all__ = ["Built", "build_trainer", "check_fresh_start", "export_model", "run_experiment"]
 
 
 @dataclass
@@ -261,10 +261,27 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, preproc
     return path
 
 
+def check_fresh_start(output_dir: str | Path, resume: bool) -> None:
+    """A run directory that already holds checkpoints is only continued with --resume. A fresh run there
+    would leave the old run's newer checkpoints in place (keep_last deleting its own first, as the oldest),
+    so a later --resume would silently pick up the old run's state."""
+    newest = RunDir(output_dir).latest_checkpoint()
+    if not resume and newest is not None:
+        raise ValueError(
+            f"run.output_dir {output_dir} already holds a run (newest checkpoint {newest.name}): add "
+            "--resume to continue it, or set another run.output_dir (or remove that one) to start afresh"
+        )
+
+
 def run_experiment(exp: Experiment, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Build and fit; one run per output directory (rank 0 holds the lock for the run's life)."""
-    lock = RunLock(exp.run.output_dir).acquire() if is_main() else None
+    """Build and fit; one run per output directory (rank 0 holds the lock for the run's life); a directory
+    with checkpoints is continued only with `resume`."""
+    out = Path(exp.run.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run.output_dir {out} exists and is not a directory")
+    lock = RunLock(out).acquire() if is_main() else None
     try:
+        check_fresh_start(out, resume)  # under the lock: no other run is writing checkpoints there
         built = build_trainer(exp, progress=progress, resume=resume)
         result = built.trainer.fit(resume=resume)
         if hasattr(built.data, "finish"):

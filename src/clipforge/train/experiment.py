@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import yaml
 
 from ..data.sources import SOURCES
 from ..loss import OBJECTIVES
+from ..tokenizer import base_symbols
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,21 @@ class ModelSpec:
     image_unlocked_blocks: int = 0  # with an L image tower: train its last N blocks (and head) anyway
     text_unlocked_blocks: int = 0
     pooling: Literal["mean", "cls"] = "mean"  # HF text towers
+
+    def __post_init__(self) -> None:
+        if self.context_length is not None and self.context_length < 2:  # SOT + EOT at least
+            raise ValueError(
+                f"model.context_length must be >= 2 (or null: the preset's), got {self.context_length}"
+            )
+        for key in ("image_unlocked_blocks", "text_unlocked_blocks"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        smallest = len(base_symbols()) + 2  # the byte symbols + SOT/EOT (else found after reading the data)
+        if self.tokenizer == "bpe" and self.vocab_size is not None and self.vocab_size < smallest:
+            raise ValueError(
+                f"model.vocab_size must be at least {smallest} with model.tokenizer=bpe (byte symbols + "
+                f"SOT/EOT), got {self.vocab_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,24 @@ class OptimSpec:
     min_lr: float = 0.0
     grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
 
+    def __post_init__(self) -> None:
+        # checked here, not first by torch after the data and vocabulary are built, and naming the key
+        # (a negative weight decay or a zero clip norm torch would take without a word)
+        bad = {
+            "optim.lr": (self.lr, self.lr > 0, "> 0"),
+            "optim.weight_decay": (self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            "optim.beta1": (self.beta1, 0 <= self.beta1 < 1, "in [0, 1)"),
+            "optim.beta2": (self.beta2, 0 <= self.beta2 < 1, "in [0, 1)"),
+            "optim.eps": (self.eps, self.eps > 0, "> 0"),
+            "optim.warmup_steps": (self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
+            "optim.min_lr": (self.min_lr, 0 <= self.min_lr <= self.lr, "in [0, optim.lr]"),
+            "optim.grad_clip": (self.grad_clip, self.grad_clip is None or self.grad_clip > 0,
+                                "> 0 (or null: no clipping)"),
+        }  # fmt: skip
+        for key, (value, ok, want) in bad.items():
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"{key} must be {want}, got {value}")
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -134,6 +169,11 @@ class RunSpec:
     checkpoint_every: int = 500
     keep_last: int = 3
     tensorboard: bool = True  # when the package is installed
+
+    def __post_init__(self) -> None:
+        for key in ("eval_every", "checkpoint_every"):  # 0: only at the end; < 0 was every step
+            if getattr(self, key) < 0:
+                raise ValueError(f"run.{key} must be >= 0 (0: only at the end), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

@@ -113,14 +113,24 @@ def _check(s: PlanSettings) -> None:
         raise ValueError(f"need 1 <= gpus <= batch, got gpus={s.gpus} batch={s.batch}")
     if not 0.0 < s.utilisation <= 1.0:
         raise ValueError(f"utilisation must be in (0, 1], got {s.utilisation}")
-    if s.samples <= 0:
-        raise ValueError(f"samples must be positive, got {s.samples}")
+    if not (s.samples > 0 and math.isfinite(s.samples)):  # inf: a traceback in math.ceil; nan: no sentence
+        raise ValueError(f"samples must be a positive number, got {s.samples}")
+    local = s.batch // s.gpus
+    if s.micro_batch is not None and not 1 <= s.micro_batch <= local:  # 0 meant "the default", silently
+        raise ValueError(f"micro_batch must be in [1, batch / gpus = {local}], got {s.micro_batch}")
+    if s.text_tokens is not None and s.text_tokens < 1:  # 0 or less gave zero or negative text FLOPs
+        raise ValueError(f"text_tokens must be >= 1, got {s.text_tokens}")
 
 
 def plan_run(preset: str | CLIPConfig, settings: PlanSettings = PlanSettings()) -> dict:
     """Every number of the plan for one model and run, as plain data (JSON-ready)."""
     _check(settings)
     cfg = get_config(preset)
+    if settings.text_tokens is not None and settings.text_tokens > cfg.text.context_length:
+        raise ValueError(
+            f"text_tokens={settings.text_tokens} is more than the text context of "
+            f"{preset if isinstance(preset, str) else 'the model'} ({cfg.text.context_length})"
+        )
     mask = settings.mask_ratio if cfg.vision.kind == "vit" else 0.0
     gpu = GPUS[settings.gpu]
     params = tower_params(cfg)

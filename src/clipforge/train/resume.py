@@ -4,10 +4,11 @@
 
 Applied (the trainer re-applies this run's optimizer and schedule after loading a checkpoint): more or
 fewer train.steps (the cosine schedule is recomputed for the new length and continues from the restored
-step), optim.* (learning rate, schedule, warm-up, weight decay, betas, eps, clipping). Harmless: logging,
-checkpointing, evaluation sets, workers, device, precision, parallel strategy. Everything else (the model
-and its towers, the training data, the batch, the objective, the seed) defines the run: a resume that
-changes it is refused with the list of differences.
+step; fewer than the restored step is refused by the trainer), optim.* (learning rate, schedule, warm-up,
+weight decay, betas, eps, clipping). Harmless: logging, checkpointing, evaluation sets, workers, device,
+precision, parallel strategy. Everything else (the model and its towers, the training data, the batch,
+the objective, the seed) defines the run: a resume that changes it is refused with the list of
+differences.
 """
 
 from __future__ import annotations

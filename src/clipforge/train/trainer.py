@@ -213,6 +213,11 @@ class Trainer:
             if self.check_resume is not None:
                 saved = {**(state.get("config") or {}), "identity": state.get("identity") or {}}
                 self.check_resume(saved, {**self.config, "identity": self.identity})
+            if int(state["step"]) > self.steps:  # it would stop at once, recording steps it did not run
+                raise ValueError(
+                    f"{path} is at step {int(state['step'])}, past this run's {self.steps} steps: resume "
+                    f"with train.steps >= {int(state['step'])}, or start a new run.output_dir"
+                )
             self.load_state_dict(state)
             return True
         raise StateFormatError(f"{errors[0]}; and no older readable checkpoint to resume from")
