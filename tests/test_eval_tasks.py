@@ -85,3 +85,22 @@ def test_cli_tasks_and_suite(folders, monkeypatch, tmp_path):
     assert "noisy/acc1" in recs[2]["metrics"] and (out / "test_robustness.png").exists()
     md = (out / "suite.md").read_text()
     assert md.count("\n") == 5 and "acc1" in md.splitlines()[0]
+
+
+@pytest.mark.parametrize("task", ["linear-probe", "few-shot", "robustness"])
+def test_sets_with_other_classes_than_the_test_set_are_refused(folders, monkeypatch, tmp_path, task):
+    """Labels index each set's sorted folders: a train (or shifted) set without 'blue' would call its
+    'green' images class 0, the test set's 'blue', and every score would be silently wrong."""
+    import shutil
+
+    other = tmp_path / "other"
+    for c in ("red", "green"):
+        shutil.copytree(folders / "train" / c, other / c)
+    extra = ["--train", str(other)] if task != "robustness" else ["--shifted", f"shift={other}"]
+    argv = ["eval", task, "--model", "m", "--dataset", str(folders / "test"), *extra]
+    with pytest.raises(ValueError, match=r"other: 2 classes, the test set .*test 3: it lacks 'blue'"):
+        run_cli([*argv, "--output", str(tmp_path / "out")], monkeypatch)
+    (other / "blue").mkdir()  # an empty folder keeps the class: the sets line up again
+    (other / "black").mkdir()
+    with pytest.raises(ValueError, match=r"it adds 'black'"):
+        run_cli([*argv, "--output", str(tmp_path / "out")], monkeypatch)

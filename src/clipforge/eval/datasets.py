@@ -43,6 +43,7 @@ class _LabelledImages(Dataset):
     samples: list[tuple[Path, int]]
     transform: Callable
     skips: SkipCounter
+    class_keys: list[str]  # what label i stands for on disk (folder name, label string or id): sets compare
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -70,6 +71,7 @@ class ImageFolderDataset(_LabelledImages):
         if not self.folders:
             raise ValueError(f"no class folders in {self.root}")
         self.classnames = _read_classnames(classnames, self.folders)
+        self.class_keys = list(self.folders)
         self.samples = [
             (p, i)
             for i, f in enumerate(self.folders)
@@ -103,6 +105,7 @@ class ManifestClassificationDataset(_LabelledImages):
         labels = [r[label_key] for r in rows]
         if all(str(v).lstrip("-").isdigit() for v in labels):
             ids = [int(v) for v in labels]
+            self.class_keys = [str(i) for i in range(max(ids) + 1)]
             self.classnames = (
                 _read_classnames(classnames, [str(i) for i in range(max(ids) + 1)])
                 if classnames is not None
@@ -115,7 +118,8 @@ class ManifestClassificationDataset(_LabelledImages):
                 else _read_classnames(classnames, sorted(set(labels)))
             )
             self.classnames = names if classnames is not None else [n.replace("_", " ") for n in names]
-            index = {n: i for i, n in enumerate(sorted(set(labels)))}
+            self.class_keys = sorted(set(labels))
+            index = {n: i for i, n in enumerate(self.class_keys)}
             ids = [index[v] for v in labels]
         self.transform, self.skips = transform, SkipCounter(str(path))
         self.samples = []

@@ -45,6 +45,25 @@ def classification_set(path, transform, classnames=None):
     return open_labelled(path, transform, classnames)
 
 
+def check_same_classes(test, test_path, other, other_path) -> None:
+    """A label is an index into its own set's class list (sorted folders or label names), so a train or
+    shifted set with other classes than the test set would be scored against the wrong classes."""
+    a, b = list(test.class_keys), list(other.class_keys)
+    if a == b:
+        return
+    missing, extra = [k for k in a if k not in b], [k for k in b if k not in a]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(map(repr, keys[:5])) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    parts = ([f"lacks {few(missing)}"] if missing else []) + ([f"adds {few(extra)}"] if extra else [])
+    raise ValueError(
+        f"{other_path}: {len(b)} classes, the test set {test_path} {len(a)}: it "
+        f"{'; '.join(parts)}. Labels index each set's sorted class list, so the sets need the same "
+        "classes (an empty class folder keeps a class)"
+    )
+
+
 def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pretrained: str = "") -> dict:
     task = spec["task"]
     if task not in TASK_NAMES:
@@ -115,6 +134,7 @@ def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pre
                 plot_confusion(cm, classnames, out_dir / f"{name}_confusion.png")
         elif task in ("linear-probe", "few-shot"):
             train = classification_set(spec["train"], preprocess, spec.get("classnames"))
+            check_same_classes(test, spec["dataset"], train, spec["train"])
             xtr, ytr = feats(spec["train"], train)
             x, y = feats(spec["dataset"], test)
             if task == "linear-probe":
@@ -146,6 +166,8 @@ def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pre
                 k: classification_set(v, preprocess, spec.get("classnames"))
                 for k, v in spec["shifted"].items()
             }
+            for k, v in spec["shifted"].items():
+                check_same_classes(test, spec["dataset"], sets[k], v)
             results = evaluate_shifts(
                 model,
                 tokenizer,
