@@ -21,8 +21,10 @@ from clipforge.checkpoints import (
     infer_config_from_openai,
     load,
     read_torchscript_state_dict,
+    save_hf,
     save_pretrained,
 )
+from clipforge.checkpoints.io import load_safetensors
 from clipforge.cli import convert as convert_cli
 from clipforge.config import PAPER_PRESETS, PRESETS
 from clipforge.models import CLIP
@@ -269,3 +271,27 @@ def test_non_checkpoint_file_is_a_clear_error(tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"notes\.pt: not a checkpoint clipforge can read safely"):
         load(bad)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    """What is wrong inside a checkpoint is said together with the file it is in (one CLI line)."""
+    model = tiny("tiny-vit")
+    sd = convert_clipforge_to_openai(model.state_dict(), model.config)
+    torch.save({**sd, "visual.proj": torch.zeros(3, 3)}, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match=r"shape\.pt \(OpenAI layout\) .*visual\.proj \(got \(3, 3\)"):
+        load(tmp_path / "shape.pt")
+    save_file(
+        {k: v.contiguous() for k, v in sd.items() if k != "visual.proj"}, tmp_path / "nohead.safetensors"
+    )
+    with pytest.raises(ValueError, match=r"^.*nohead\.safetensors: cannot infer the image tower"):
+        load(tmp_path / "nohead.safetensors")
+    save_hf(model, tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"hf[/\\]config\.json: not valid JSON"):
+        load(tmp_path / "hf")
+    save_hf(model, tmp_path / "hf")
+    hf_sd = load_safetensors(tmp_path / "hf" / "model.safetensors")
+    hf_sd["logit_scale"] = torch.zeros(2)
+    save_file(hf_sd, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"hf[/\\]model\.safetensors \(HF CLIPModel\) .*logit_scale"):
+        load(tmp_path / "hf")

@@ -58,8 +58,12 @@ def read_checkpoint(path: str | Path, config: CLIPConfig | None = None) -> Check
         sd, fmt = _read_weights_file(path)
     sd = _upcast(sd)
     if "text_projection" in sd:  # OpenAI layout (OpenAI or OpenCLIP files)
-        cfg = config or infer_config_from_openai(sd)
-        return Checkpoint(convert_openai_to_clipforge(sd, cfg), cfg, fmt, path, {})
+        try:
+            cfg = config or infer_config_from_openai(sd)
+        except KeyError as e:  # a key the architecture cannot be read without
+            raise ValueError(f"{path}: {e.args[0]}") from None
+        sd = convert_openai_to_clipforge(sd, cfg, f"{path} (OpenAI layout)")
+        return Checkpoint(sd, cfg, fmt, path, {})
     if "text.proj" in sd:
         if config is None:
             raise ValueError(
@@ -161,7 +165,7 @@ def _read_directory(path: Path, config: CLIPConfig | None) -> Checkpoint:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: a checkpoint directory needs config.json")
-    spec = json.loads(cfg_file.read_text(encoding="utf-8"))
+    spec = _read_json(cfg_file)
     if spec.get("format") == FORMAT_NAME:
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
@@ -172,22 +176,39 @@ def _read_directory(path: Path, config: CLIPConfig | None) -> Checkpoint:
             check_shapes(sd, shapes_of(meta_state_dict(cfg)), f"{weights}")
         return Checkpoint(sd, cfg, "clipforge", path, spec)
     if spec.get("model_type") == "clip" or "vision_config" in spec:
-        cfg = config or config_from_hf(spec)
+        try:
+            cfg = config or config_from_hf(spec)
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
         weights = next((path / n for n in HF_WEIGHTS_FILES if (path / n).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{path}: HF CLIP directory lacks {' or '.join(HF_WEIGHTS_FILES)}")
         sd, _ = _read_weights_file(weights)
         return Checkpoint(
-            convert_hf_to_clipforge(_upcast(sd), cfg), cfg, "hf", path, _hf_preprocess_spec(path)
+            convert_hf_to_clipforge(_upcast(sd), cfg, f"{weights} (HF CLIPModel)"),
+            cfg,
+            "hf",
+            path,
+            _hf_preprocess_spec(path),
         )
     raise ValueError(f'{cfg_file}: neither a clipforge ("format": "clipforge") nor a HF CLIP config')
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _hf_preprocess_spec(path: Path) -> dict[str, Any]:
     f = path / "preprocessor_config.json"
     if not f.is_file():
         return {}
-    p = json.loads(f.read_text(encoding="utf-8"))
+    p = _read_json(f)
     crop = p.get("crop_size")
     size = crop.get("height") if isinstance(crop, dict) else crop
     out = {"preprocess": {}}
