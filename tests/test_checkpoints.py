@@ -271,6 +271,9 @@ def test_non_checkpoint_file_is_a_clear_error(tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"notes\.pt: not a checkpoint clipforge can read safely"):
         load(bad)
+    bad.write_text("hello")  # torch's legacy reader raises KeyError('101'): the reason must say more
+    with pytest.raises(ValueError, match=r"failed: not a torch\.save file \(KeyError 101"):
+        load(bad)
 
 
 def test_load_errors_name_the_file(tmp_path):

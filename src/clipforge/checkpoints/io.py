@@ -155,8 +155,10 @@ def _torch_load_reason(e: Exception) -> str:
     """The line of torch.load's error that says what was wrong (its message also suggests
     turning weights_only off, which is exactly what clipforge must never do)."""
     for line in str(e).splitlines():
-        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip().strip("'")
         if line and not line.startswith(_TORCH_BOILERPLATE):
+            if not any(c.isalpha() for c in line):  # a text file: KeyError('101') from the legacy reader
+                return f"not a torch.save file ({type(e).__name__} {line} while unpickling)"
             return line
     return type(e).__name__
 
