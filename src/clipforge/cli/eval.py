@@ -12,8 +12,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", default="", help="label for the report's 'pretrained' field")
     p.add_argument("--dataset", help="test set: class folders, a labelled manifest, or a retrieval set")
     p.add_argument("--name", help="dataset label in the report (default: the path's stem)")
-    p.add_argument("--classnames", help="JSON list or {folder: name} (default: folder names)")
-    p.add_argument("--templates", default="default", help="'default', 'simple', 'clip_benchmark' or a JSON")
+    p.add_argument(
+        "--classnames", help="file: JSON list, {folder: name}, or one name a line (default: folder names)"
+    )
+    p.add_argument(
+        "--templates",
+        default="default",
+        help="'default', 'simple', 'clip_benchmark' or a file (JSON, or one a line)",
+    )
     p.add_argument("--template-dataset", help="dataset key inside a CLIP_benchmark templates file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", help="cache image features here, keyed by model and dataset")
