@@ -104,3 +104,23 @@ def test_sets_with_other_classes_than_the_test_set_are_refused(folders, monkeypa
     (other / "black").mkdir()
     with pytest.raises(ValueError, match=r"it adds 'black'"):
         run_cli([*argv, "--output", str(tmp_path / "out")], monkeypatch)
+
+
+def test_suite_specs_are_checked_before_anything_runs(folders, monkeypatch, tmp_path):
+    """A typo ('template') would run with the default templates; a missing dataset was a bare KeyError."""
+    import yaml
+
+    ok = {"task": "zeroshot", "dataset": str(folders / "test")}
+    for bad, msg in [
+        ({**ok, "template": "simple"}, r"task 2: task 'zeroshot': unknown keys 'template'"),
+        ({"task": "zeroshot"}, r"task 2: task 'zeroshot' needs 'dataset'"),
+        ({**ok, "task": "linear-probe"}, r"task 2: task 'linear-probe' needs 'train'"),
+        ("zeroshot", r"task 2: a task spec is a mapping"),
+    ]:
+        (tmp_path / "t.yaml").write_text(yaml.safe_dump({"model": "m", "tasks": [ok, bad]}))
+        monkeypatch.setattr(cli_eval, "_load", lambda *a: pytest.fail("the model was loaded"))
+        parser = argparse.ArgumentParser()
+        cli_eval.register(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["eval", "suite", "--tasks", str(tmp_path / "t.yaml")])
+        with pytest.raises(ValueError, match=r"t\.yaml, " + msg):
+            args.func(args)

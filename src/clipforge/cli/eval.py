@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 def run_suite(args: argparse.Namespace) -> int:
     import yaml
 
-    from ..eval.tasks import run_task
+    from ..eval.tasks import check_spec, run_task
 
     cfg = yaml.safe_load(Path(args.tasks).read_text())
     if not isinstance(cfg, dict) or not cfg.get("tasks"):
@@ -144,14 +144,22 @@ def run_suite(args: argparse.Namespace) -> int:
     if not model_path:
         raise ValueError(f"{args.tasks}: no 'model' (or pass --model)")
     out = Path(args.output or cfg.get("output_dir", "eval_out"))
+    specs = []
+    for i, spec in enumerate(cfg["tasks"], 1):
+        if isinstance(spec, dict):
+            spec = {
+                "output_dir": str(out),
+                **{k: v for k, v in cfg.items() if k not in ("tasks", "model")},
+                **spec,
+            }
+        try:  # every task checked before the first one runs
+            check_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"{args.tasks}, task {i}: {e}") from None
+        specs.append(spec)
     model, preprocess, tokenizer = _load(model_path, args.device or cfg.get("device"))
     records = []
-    for spec in cfg["tasks"]:
-        spec = {
-            "output_dir": str(out),
-            **{k: v for k, v in cfg.items() if k not in ("tasks", "model")},
-            **spec,
-        }
+    for spec in specs:
         records.append(
             run_task(spec, model, preprocess, tokenizer, Path(model_path).name, cfg.get("pretrained", ""))
         )

@@ -64,10 +64,34 @@ def check_same_classes(test, test_path, other, other_path) -> None:
     )
 
 
-def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pretrained: str = "") -> dict:
-    task = spec["task"]
+SPEC_KEYS = frozenset(
+    ("task", "dataset", "train", "name", "classnames", "templates", "template_dataset", "batch_size",
+     "cache_dir", "output_dir", "ks", "seeds", "zero_shot", "per_class", "shifted", "baseline_fit",
+     "font_size", "position", "contrast", "font", "seed", "chunk_size", "language", "pretrained", "device")
+)  # fmt: skip
+REQUIRED_KEYS = {"linear-probe": ("train",), "few-shot": ("train",), "robustness": ("shifted",)}
+
+
+def check_spec(spec) -> None:
+    """Refuse a spec before any work: an unknown task, a missing dataset / train / shifted entry, or an
+    unknown key (a typo such as 'template' would otherwise silently run with the default templates)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a task spec is a mapping (task: ..., dataset: ...), got {type(spec).__name__}")
+    task = spec.get("task")
     if task not in TASK_NAMES:
         raise ValueError(f"unknown task {task!r}; one of {', '.join(TASK_NAMES)}")
+    missing = [k for k in ("dataset", *REQUIRED_KEYS.get(task, ())) if not spec.get(k)]
+    if missing:
+        raise ValueError(f"task {task!r} needs {', '.join(map(repr, missing))}")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        known = ", ".join(sorted(SPEC_KEYS))
+        raise ValueError(f"task {task!r}: unknown keys {', '.join(map(repr, unknown))}; known: {known}")
+
+
+def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pretrained: str = "") -> dict:
+    check_spec(spec)
+    task = spec["task"]
     bs = int(spec.get("batch_size", 64))
     out_dir = Path(spec.get("output_dir", "eval_out"))
     cache = spec.get("cache_dir")
