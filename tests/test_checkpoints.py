@@ -298,3 +298,20 @@ def test_load_errors_name_the_file(tmp_path):
     save_file(hf_sd, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(ValueError, match=r"hf[/\\]model\.safetensors \(HF CLIPModel\) .*logit_scale"):
         load(tmp_path / "hf")
+
+
+def test_saved_checkpoints_get_the_umask_permissions(tmp_path):
+    """mkdtemp/mkstemp made every checkpoint 0700/0600: unreadable to colleagues on a shared machine."""
+    old = os.umask(0o022)
+    try:
+        model = tiny("tiny-vit")
+        save_pretrained(model, tmp_path / "cf", tokenizer=openai_tokenizer())
+        save_hf(model, tmp_path / "hf")
+        convert_cli_out = tmp_path / "oa.pt"
+        assert run_convert(str(tmp_path / "cf"), str(convert_cli_out), "--format", "openai") == 0
+    finally:
+        os.umask(old)
+    for d in ("cf", "hf"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o755
+        assert {f.stat().st_mode & 0o777 for f in (tmp_path / d).iterdir()} == {0o644}
+    assert convert_cli_out.stat().st_mode & 0o777 == 0o644
