@@ -315,3 +315,17 @@ def test_saved_checkpoints_get_the_umask_permissions(tmp_path):
         assert (tmp_path / d).stat().st_mode & 0o777 == 0o755
         assert {f.stat().st_mode & 0o777 for f in (tmp_path / d).iterdir()} == {0o644}
     assert convert_cli_out.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "bogus"])
+def test_a_device_that_is_not_there_is_a_one_line_error(tmp_path, device):
+    """torch's own errors (AssertionError 'Torch not compiled with CUDA enabled', RuntimeError) came from
+    deep inside Module.to as tracebacks from `clipforge eval/embed/classify --device cuda`."""
+    from clipforge.use.encoders import open_encoder
+
+    model = tiny("tiny-vit")
+    save_pretrained(model, tmp_path / "m")
+    with pytest.raises(ValueError, match=rf"device '{device}': |device '{device}' is not a device name"):
+        load(tmp_path / "m", device=device)
+    with pytest.raises(ValueError, match=rf"device '{device}'"):
+        open_encoder(model, device=device)

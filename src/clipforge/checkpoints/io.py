@@ -241,8 +241,25 @@ def _hf_text_tower(ckpt: Checkpoint):
     )
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a one-line error for a bad name or a GPU that is not there (torch's
+    own are a RuntimeError / AssertionError from deep inside Module.to)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r}: no CUDA GPU is visible here (torch.cuda.is_available() is False)"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return dev
+
+
 def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> CLIP:
     """A CLIP in eval mode holding the checkpoint's weights (built on meta and assigned: no random init)."""
+    device = check_device(device)
     if _has_hf_text(ckpt.spec):  # HF modules keep non-persistent buffers: build them for real
         model = CLIP(ckpt.config, text_tower=_hf_text_tower(ckpt))
         check_shapes(ckpt.state_dict, shapes_of(model.state_dict()), f"{ckpt.path / WEIGHTS_FILE}")
@@ -262,6 +279,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", config: CLIPConfi
     OpenAI's BPE (`Tokenizer.from_openai_vocab`) when the model has its 49408-token vocabulary. When
     neither is available, the tokenizer is None and a warning says why (images still work).
     """
+    check_device(device)  # before reading what may be gigabytes
     ckpt = read_checkpoint(path, config)
     model = build_model(ckpt, device)
     return model, preprocess_for(ckpt), tokenizer_for(ckpt)
