@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -116,6 +117,9 @@ def test_suite_specs_are_checked_before_anything_runs(folders, monkeypatch, tmp_
         ({"task": "zeroshot"}, r"task 2: task 'zeroshot' needs 'dataset'"),
         ({**ok, "task": "linear-probe"}, r"task 2: task 'linear-probe' needs 'train'"),
         ("zeroshot", r"task 2: a task spec is a mapping"),
+        ({**ok, "batch_size": 0}, r"task 2: task 'zeroshot': batch_size must be an integer >= 1, got 0"),
+        ({**ok, "task": "few-shot", "train": "x", "ks": [0, 1]}, r"task 2: .*ks must be a list of int"),
+        ({**ok, "task": "few-shot", "train": "x", "seeds": []}, r"task 2: .*seeds must be a non-empty list"),
     ]:
         (tmp_path / "t.yaml").write_text(yaml.safe_dump({"model": "m", "tasks": [ok, bad]}))
         monkeypatch.setattr(cli_eval, "_load", lambda *a: pytest.fail("the model was loaded"))
@@ -124,3 +128,22 @@ def test_suite_specs_are_checked_before_anything_runs(folders, monkeypatch, tmp_
         args = parser.parse_args(["eval", "suite", "--tasks", str(tmp_path / "t.yaml")])
         with pytest.raises(ValueError, match=r"t\.yaml, " + msg):
             args.func(args)
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["zeroshot", "--batch-size", "0"], r"argument --batch-size: must be >= 1, got 0"),
+        (["few-shot", "--train", "t", "--ks", "1,0"], r"argument --ks: must be >= 1, got 0"),
+        (["few-shot", "--train", "t", "--ks", "1,a"], r"argument --ks: not an integer: 'a'"),
+        (["few-shot", "--train", "t", "--seeds", "0"], r"argument --seeds: must be >= 1, got 0"),
+    ],
+)
+def test_bad_numbers_are_argument_errors(argv, msg, capsys):
+    """--batch-size 0 was 'range() arg 3 must not be zero', --ks 0 'fit_logistic: no training samples'
+    after every feature was computed, --seeds 0 a matplotlib error about log scales."""
+    from clipforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *argv, "--model", "m", "--dataset", "d"])
+    assert e.value.code == 2 and re.search(msg, capsys.readouterr().err)

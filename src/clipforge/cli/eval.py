@@ -7,6 +7,21 @@ import json
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_ints(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (each >= 1)."""
+    return [_positive_int(t.strip()) for t in text.split(",")]
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint (OpenAI / OpenCLIP / HF / clipforge directory)")
     p.add_argument("--pretrained", default="", help="label for the report's 'pretrained' field")
@@ -21,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="'default', 'simple', 'clip_benchmark' or a file (JSON, or one a line)",
     )
     p.add_argument("--template-dataset", help="dataset key inside a CLIP_benchmark templates file")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--cache-dir", help="cache image features here, keyed by model and dataset")
     p.add_argument("--output", default="eval_out", help="output folder (JSON, Markdown, plots)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
@@ -44,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         if task in ("linear-probe", "few-shot"):
             t.add_argument("--train", required=True, help="training set (folders or manifest)")
         if task == "few-shot":
-            t.add_argument("--ks", default="1,2,4,8,16")
-            t.add_argument("--seeds", type=int, default=3)
+            t.add_argument("--ks", type=_positive_ints, default=[1, 2, 4, 8, 16], help="shots per class")
+            t.add_argument("--seeds", type=_positive_int, default=3, help="draws of the shots per k")
         if task == "zeroshot":
             t.add_argument("--per-class", action="store_true", help="per-class table and confusion PNG")
         if task == "typographic":
@@ -92,7 +107,7 @@ def _spec(args: argparse.Namespace) -> dict:
     if getattr(args, "train", None):
         spec["train"] = args.train
     if args.eval_task == "few-shot":
-        spec["ks"] = [int(k) for k in args.ks.split(",")]
+        spec["ks"] = list(args.ks)
         spec["seeds"] = list(range(args.seeds))
     if args.eval_task == "typographic":
         spec.update(

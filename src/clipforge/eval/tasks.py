@@ -83,6 +83,13 @@ def check_spec(spec) -> None:
     missing = [k for k in ("dataset", *REQUIRED_KEYS.get(task, ())) if not spec.get(k)]
     if missing:
         raise ValueError(f"task {task!r} needs {', '.join(map(repr, missing))}")
+    bs, ks, seeds = spec.get("batch_size", 1), spec.get("ks", [1]), spec.get("seeds", [0])
+    if not (isinstance(bs, int) and bs >= 1):
+        raise ValueError(f"task {task!r}: batch_size must be an integer >= 1, got {bs!r}")
+    if not (isinstance(ks, list | tuple) and ks and all(isinstance(k, int) and k >= 1 for k in ks)):
+        raise ValueError(f"task {task!r}: ks must be a list of integers >= 1, got {ks!r}")
+    if not (isinstance(seeds, list | tuple) and seeds and all(isinstance(v, int) for v in seeds)):
+        raise ValueError(f"task {task!r}: seeds must be a non-empty list of integers, got {seeds!r}")
     unknown = sorted(set(spec) - SPEC_KEYS)
     if unknown:
         known = ", ".join(sorted(SPEC_KEYS))
