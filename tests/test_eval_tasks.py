@@ -147,3 +147,17 @@ def test_bad_numbers_are_argument_errors(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", *argv, "--model", "m", "--dataset", "d"])
     assert e.value.code == 2 and re.search(msg, capsys.readouterr().err)
+
+
+def test_text_tasks_without_a_tokenizer_are_refused(folders, monkeypatch, tmp_path):
+    """A checkpoint whose vocabulary has no tokenizer files loads with tokenizer None (and a warning);
+    zero-shot then died in a traceback ('NoneType' object is not callable). The image-only probe runs."""
+    monkeypatch.setattr(cli_eval, "_load", lambda path, device: (tiny_model(), to_tensor, None))
+    parser = argparse.ArgumentParser()
+    cli_eval.register(parser.add_subparsers(dest="command"))
+    common = ["--model", "m.pt", "--dataset", str(folders / "test"), "--output", str(tmp_path / "o")]
+    args = parser.parse_args(["eval", "zeroshot", *common])
+    with pytest.raises(ValueError, match=r"task 'zeroshot' encodes text, and m\.pt came without a tokenizer"):
+        args.func(args)
+    args = parser.parse_args(["eval", "linear-probe", "--train", str(folders / "train"), *common])
+    assert args.func(args) == 0

@@ -99,6 +99,11 @@ def check_spec(spec) -> None:
 def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pretrained: str = "") -> dict:
     check_spec(spec)
     task = spec["task"]
+    needs_text = task != "linear-probe" and (task != "few-shot" or spec.get("zero_shot", True))
+    if tokenizer is None and needs_text:  # clipforge.load warned why (no tokenizer files, no OpenAI vocab)
+        raise ValueError(
+            f"task {task!r} encodes text, and {model_name or 'the model'} came without a tokenizer"
+        )
     bs = int(spec.get("batch_size", 64))
     out_dir = Path(spec.get("output_dir", "eval_out"))
     cache = spec.get("cache_dir")
