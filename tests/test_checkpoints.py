@@ -6,6 +6,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import pytest
@@ -329,3 +330,19 @@ def test_a_device_that_is_not_there_is_a_one_line_error(tmp_path, device):
         load(tmp_path / "m", device=device)
     with pytest.raises(ValueError, match=rf"device '{device}'"):
         open_encoder(model, device=device)
+
+
+def test_convert_to_openai_warns_when_the_tokenizer_stays_behind(tmp_path):
+    """The openai format carries no tokenizer; a model with its own vocabulary lost it without a word."""
+    import dataclasses
+
+    cfg = PRESETS["tiny-vit"]
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=600))
+    torch.manual_seed(0)
+    save_pretrained(CLIP(cfg), tmp_path / "own")
+    with pytest.warns(UserWarning, match=r"600-token vocabulary is not OpenAI's: keep .*own's tokenizer"):
+        run_convert(str(tmp_path / "own"), str(tmp_path / "own.pt"), "--format", "openai")
+    save_pretrained(tiny("tiny-vit"), tmp_path / "oa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # OpenAI's vocabulary: found again at load, nothing to say
+        run_convert(str(tmp_path / "oa"), str(tmp_path / "oa.pt"), "--format", "openai")

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,6 +176,7 @@ def save_hf(model: CLIP, directory: str | Path, tokenizer: Any = None) -> Path:
 
 
 FORMATS = ("clipforge", "openai", "hf")
+OPENAI_VOCAB_SIZE = 49408
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, format: str, config: Any = None) -> Path:
@@ -187,6 +189,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str, config: An
     ckpt = read_checkpoint(src, config)
     model = build_model(ckpt)
     if format == "openai":
+        if ckpt.config.text.vocab_size != OPENAI_VOCAB_SIZE:  # its tokenizer cannot be found again
+            warnings.warn(
+                f"{dst}: the openai format holds no tokenizer, and this model's {ckpt.config.text.vocab_size}"
+                f"-token vocabulary is not OpenAI's: keep {src}'s tokenizer files (vocab.json, merges.txt) "
+                "or convert to --format clipforge / hf, which carry them",
+                stacklevel=2,
+            )
         return save_openai(model, dst)
     tokenizer = tokenizer_for(ckpt)
     if format == "hf":
