@@ -6,6 +6,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import pytest
@@ -21,8 +22,10 @@ from clipforge.checkpoints import (
     infer_config_from_openai,
     load,
     read_torchscript_state_dict,
+    save_hf,
     save_pretrained,
 )
+from clipforge.checkpoints.io import load_safetensors
 from clipforge.cli import convert as convert_cli
 from clipforge.config import PAPER_PRESETS, PRESETS
 from clipforge.models import CLIP
@@ -269,3 +272,77 @@ def test_non_checkpoint_file_is_a_clear_error(tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"notes\.pt: not a checkpoint clipforge can read safely"):
         load(bad)
+    bad.write_text("hello")  # torch's legacy reader raises KeyError('101'): the reason must say more
+    with pytest.raises(ValueError, match=r"failed: not a torch\.save file \(KeyError 101"):
+        load(bad)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    """What is wrong inside a checkpoint is said together with the file it is in (one CLI line)."""
+    model = tiny("tiny-vit")
+    sd = convert_clipforge_to_openai(model.state_dict(), model.config)
+    torch.save({**sd, "visual.proj": torch.zeros(3, 3)}, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match=r"shape\.pt \(OpenAI layout\) .*visual\.proj \(got \(3, 3\)"):
+        load(tmp_path / "shape.pt")
+    save_file(
+        {k: v.contiguous() for k, v in sd.items() if k != "visual.proj"}, tmp_path / "nohead.safetensors"
+    )
+    with pytest.raises(ValueError, match=r"^.*nohead\.safetensors: cannot infer the image tower"):
+        load(tmp_path / "nohead.safetensors")
+    save_hf(model, tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"hf[/\\]config\.json: not valid JSON"):
+        load(tmp_path / "hf")
+    save_hf(model, tmp_path / "hf")
+    hf_sd = load_safetensors(tmp_path / "hf" / "model.safetensors")
+    hf_sd["logit_scale"] = torch.zeros(2)
+    save_file(hf_sd, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"hf[/\\]model\.safetensors \(HF CLIPModel\) .*logit_scale"):
+        load(tmp_path / "hf")
+
+
+def test_saved_checkpoints_get_the_umask_permissions(tmp_path):
+    """mkdtemp/mkstemp made every checkpoint 0700/0600: unreadable to colleagues on a shared machine."""
+    old = os.umask(0o022)
+    try:
+        model = tiny("tiny-vit")
+        save_pretrained(model, tmp_path / "cf", tokenizer=openai_tokenizer())
+        save_hf(model, tmp_path / "hf")
+        convert_cli_out = tmp_path / "oa.pt"
+        assert run_convert(str(tmp_path / "cf"), str(convert_cli_out), "--format", "openai") == 0
+    finally:
+        os.umask(old)
+    for d in ("cf", "hf"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o755
+        assert {f.stat().st_mode & 0o777 for f in (tmp_path / d).iterdir()} == {0o644}
+    assert convert_cli_out.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "bogus"])
+def test_a_device_that_is_not_there_is_a_one_line_error(tmp_path, device):
+    """torch's own errors (AssertionError 'Torch not compiled with CUDA enabled', RuntimeError) came from
+    deep inside Module.to as tracebacks from `clipforge eval/embed/classify --device cuda`."""
+    from clipforge.use.encoders import open_encoder
+
+    model = tiny("tiny-vit")
+    save_pretrained(model, tmp_path / "m")
+    with pytest.raises(ValueError, match=rf"device '{device}': |device '{device}' is not a device name"):
+        load(tmp_path / "m", device=device)
+    with pytest.raises(ValueError, match=rf"device '{device}'"):
+        open_encoder(model, device=device)
+
+
+def test_convert_to_openai_warns_when_the_tokenizer_stays_behind(tmp_path):
+    """The openai format carries no tokenizer; a model with its own vocabulary lost it without a word."""
+    import dataclasses
+
+    cfg = PRESETS["tiny-vit"]
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=600))
+    torch.manual_seed(0)
+    save_pretrained(CLIP(cfg), tmp_path / "own")
+    with pytest.warns(UserWarning, match=r"600-token vocabulary is not OpenAI's: keep .*own's tokenizer"):
+        run_convert(str(tmp_path / "own"), str(tmp_path / "own.pt"), "--format", "openai")
+    save_pretrained(tiny("tiny-vit"), tmp_path / "oa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # OpenAI's vocabulary: found again at load, nothing to say
+        run_convert(str(tmp_path / "oa"), str(tmp_path / "oa.pt"), "--format", "openai")

@@ -40,6 +40,37 @@ def test_image_folder_and_manifest(tmp_path):
         ImageFolderDataset(tmp_path / "nope", to_tensor)
 
 
+def test_class_name_and_template_files(tmp_path):
+    """Text files (one entry a line) as well as JSON; blank, empty, missing and invalid entries are one-line
+    errors naming the file; duplicates are said but allowed (ImageNet has two 'crane's)."""
+    from clipforge.eval.templates import load_templates
+
+    for cls in ("a", "b", "c"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        _img(tmp_path / "imgs" / cls / "0.png", (9, 9, 9))
+
+    def names(text, name="names.txt"):
+        (tmp_path / name).write_text(text)
+        return ImageFolderDataset(tmp_path / "imgs", to_tensor, tmp_path / name).classnames
+
+    assert names("cat\ndog\nsea lion\n\n") == ["cat", "dog", "sea lion"]
+    with pytest.raises(ValueError, match=r"names\.txt: line 2 is empty"):
+        names("cat\n\ndog\nsea lion\n")
+    with pytest.raises(ValueError, match=r"names\.json: class 1 \('b'\) has no name"):
+        names('["cat", " ", "dog"]', "names.json")
+    with pytest.raises(ValueError, match=r"names\.json: not valid JSON"):
+        names('["cat", "dog"', "names.json")
+    with pytest.raises(ValueError, match=r"names\.json: no class name for 'c'"):
+        names('{"a": "cat", "b": "dog"}', "names.json")
+    with pytest.warns(UserWarning, match=r"duplicate class names 'cat'"):
+        assert names("cat\ncat\ndog\n") == ["cat", "cat", "dog"]
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n{c} in the wild\n")
+    assert load_templates(tmp_path / "t.txt") == ["a photo of a {}.", "{c} in the wild"]
+    (tmp_path / "t.txt").write_text("a photo of a {}.\na photo.\n")
+    with pytest.raises(ValueError, match=r"t\.txt', template 2: .*'a photo\.'"):
+        load_templates(tmp_path / "t.txt")
+
+
 def test_retrieval_sets(tmp_path):
     for i in range(3):
         _img(tmp_path / f"{i}.png", (i * 80, 0, 0))

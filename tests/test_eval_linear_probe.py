@@ -80,3 +80,13 @@ def test_few_shot_sampling_and_prior_probe(tmp_path):
     png = plot_few_shot(curve, tmp_path / "fewshot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(curve["linear_probe"]["mean"][1])
+
+
+def test_few_shot_says_when_classes_have_fewer_examples_than_k():
+    """k=4 with a class of 2 examples (and one of none) is not a 4-shot result: counted and warned."""
+    g = torch.Generator().manual_seed(3)
+    ytr = torch.tensor([0] * 6 + [1] * 2 + [2] * 6)  # class 3 has no training example at all
+    xtr, xte = torch.randn(14, 8, generator=g).double(), torch.randn(8, 8, generator=g).double()
+    with pytest.warns(UserWarning, match=r"k=4: 2 of 4 classes have fewer .*fewest: 0"):
+        curve = few_shot_curve(xtr, ytr, xte, torch.arange(8) % 4, 4, ks=(1, 4), seeds=(0,), lams=[1.0])
+    assert curve["classes_below_k"] == [1, 2]

@@ -44,6 +44,15 @@ def test_recall_matches_brute_force(chunk_size):
     assert 0 < got["text_retrieval_recall@1"] < 1 and 0 < got["image_retrieval_recall@1"] < 1
 
 
+def test_image_without_captions_is_a_miss_even_when_k_exceeds_the_captions():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(6, 8, generator=g), torch.randn(3, 8, generator=g)
+    t2i = torch.tensor([0, 0, 1])  # images 2..5 have no caption; 3 captions < k = 5
+    got = retrieval_metrics(img, txt, t2i, ks=(1, 5), chunk_size=4)
+    assert got == pytest.approx(brute_force(img, txt, t2i, (1, 5)), abs=1e-9)
+    assert got["text_retrieval_recall@5"] == pytest.approx(2 / 6)
+
+
 def test_recall_perfect_and_validation():
     img = torch.eye(4)
     txt = torch.cat([torch.eye(4), torch.eye(4)])

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -85,3 +86,78 @@ def test_cli_tasks_and_suite(folders, monkeypatch, tmp_path):
     assert "noisy/acc1" in recs[2]["metrics"] and (out / "test_robustness.png").exists()
     md = (out / "suite.md").read_text()
     assert md.count("\n") == 5 and "acc1" in md.splitlines()[0]
+
+
+@pytest.mark.parametrize("task", ["linear-probe", "few-shot", "robustness"])
+def test_sets_with_other_classes_than_the_test_set_are_refused(folders, monkeypatch, tmp_path, task):
+    """Labels index each set's sorted folders: a train (or shifted) set without 'blue' would call its
+    'green' images class 0, the test set's 'blue', and every score would be silently wrong."""
+    import shutil
+
+    other = tmp_path / "other"
+    for c in ("red", "green"):
+        shutil.copytree(folders / "train" / c, other / c)
+    extra = ["--train", str(other)] if task != "robustness" else ["--shifted", f"shift={other}"]
+    argv = ["eval", task, "--model", "m", "--dataset", str(folders / "test"), *extra]
+    with pytest.raises(ValueError, match=r"other: 2 classes, the test set .*test 3: it lacks 'blue'"):
+        run_cli([*argv, "--output", str(tmp_path / "out")], monkeypatch)
+    (other / "blue").mkdir()  # an empty folder keeps the class: the sets line up again
+    (other / "black").mkdir()
+    with pytest.raises(ValueError, match=r"it adds 'black'"):
+        run_cli([*argv, "--output", str(tmp_path / "out")], monkeypatch)
+
+
+def test_suite_specs_are_checked_before_anything_runs(folders, monkeypatch, tmp_path):
+    """A typo ('template') would run with the default templates; a missing dataset was a bare KeyError."""
+    import yaml
+
+    ok = {"task": "zeroshot", "dataset": str(folders / "test")}
+    for bad, msg in [
+        ({**ok, "template": "simple"}, r"task 2: task 'zeroshot': unknown keys 'template'"),
+        ({"task": "zeroshot"}, r"task 2: task 'zeroshot' needs 'dataset'"),
+        ({**ok, "task": "linear-probe"}, r"task 2: task 'linear-probe' needs 'train'"),
+        ("zeroshot", r"task 2: a task spec is a mapping"),
+        ({**ok, "batch_size": 0}, r"task 2: task 'zeroshot': batch_size must be an integer >= 1, got 0"),
+        ({**ok, "task": "few-shot", "train": "x", "ks": [0, 1]}, r"task 2: .*ks must be a list of int"),
+        ({**ok, "task": "few-shot", "train": "x", "seeds": []}, r"task 2: .*seeds must be a non-empty list"),
+    ]:
+        (tmp_path / "t.yaml").write_text(yaml.safe_dump({"model": "m", "tasks": [ok, bad]}))
+        monkeypatch.setattr(cli_eval, "_load", lambda *a: pytest.fail("the model was loaded"))
+        parser = argparse.ArgumentParser()
+        cli_eval.register(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["eval", "suite", "--tasks", str(tmp_path / "t.yaml")])
+        with pytest.raises(ValueError, match=r"t\.yaml, " + msg):
+            args.func(args)
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["zeroshot", "--batch-size", "0"], r"argument --batch-size: must be >= 1, got 0"),
+        (["few-shot", "--train", "t", "--ks", "1,0"], r"argument --ks: must be >= 1, got 0"),
+        (["few-shot", "--train", "t", "--ks", "1,a"], r"argument --ks: not an integer: 'a'"),
+        (["few-shot", "--train", "t", "--seeds", "0"], r"argument --seeds: must be >= 1, got 0"),
+    ],
+)
+def test_bad_numbers_are_argument_errors(argv, msg, capsys):
+    """--batch-size 0 was 'range() arg 3 must not be zero', --ks 0 'fit_logistic: no training samples'
+    after every feature was computed, --seeds 0 a matplotlib error about log scales."""
+    from clipforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *argv, "--model", "m", "--dataset", "d"])
+    assert e.value.code == 2 and re.search(msg, capsys.readouterr().err)
+
+
+def test_text_tasks_without_a_tokenizer_are_refused(folders, monkeypatch, tmp_path):
+    """A checkpoint whose vocabulary has no tokenizer files loads with tokenizer None (and a warning);
+    zero-shot then died in a traceback ('NoneType' object is not callable). The image-only probe runs."""
+    monkeypatch.setattr(cli_eval, "_load", lambda path, device: (tiny_model(), to_tensor, None))
+    parser = argparse.ArgumentParser()
+    cli_eval.register(parser.add_subparsers(dest="command"))
+    common = ["--model", "m.pt", "--dataset", str(folders / "test"), "--output", str(tmp_path / "o")]
+    args = parser.parse_args(["eval", "zeroshot", *common])
+    with pytest.raises(ValueError, match=r"task 'zeroshot' encodes text, and m\.pt came without a tokenizer"):
+        args.func(args)
+    args = parser.parse_args(["eval", "linear-probe", "--train", str(folders / "train"), *common])
+    assert args.func(args) == 0

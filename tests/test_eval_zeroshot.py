@@ -36,6 +36,19 @@ def test_metrics_match_sklearn():
     assert 0.0 < m["acc1"] < m["acc5"] < 1.0
 
 
+def test_acc5_is_nan_below_five_classes():
+    """A top-5 over 4 classes is 100% for any model; CLIP_benchmark reports NaN there, and so do we."""
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(40, 8, generator=g)
+    for c in (2, 4):
+        m = zero_shot_metrics(feats, torch.arange(40) % c, F.normalize(torch.randn(8, c, generator=g), dim=0))
+        assert np.isnan(m["acc5"]) and 0.0 <= m["acc1"] <= 1.0
+    clf = F.normalize(torch.randn(8, 7, generator=g), dim=0)
+    m = zero_shot_metrics(feats, torch.arange(40) % 7, clf)
+    scores = (F.normalize(feats, dim=-1) @ clf).numpy()
+    assert m["acc5"] == pytest.approx(top_k_accuracy_score(np.arange(40) % 7, scores, k=5), abs=1e-12)
+
+
 def test_classifier_is_template_average_of_normalised_features():
     model, tok = tiny_model(), WordTokenizer()
     classes, templates = ["cat", "red square", "dog"], ["a photo of a {c}.", "a {c} drawing", "{c}"]

@@ -218,6 +218,24 @@ def test_the_eval_feature_cache_is_keyed_by_content(tmp_path, monkeypatch):
     assert dataset_fingerprint(out) != fp
 
 
+def test_an_empty_class_folder_changes_the_cache_key(tmp_path, monkeypatch):
+    """An empty folder is a class (it shifts the labels after it): the cached labels must not come back."""
+    from clipforge.data.fingerprint import dataset_fingerprint
+
+    data = _class_folder(tmp_path / "test")
+    common = ["--model", "m", "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    argv = ["eval", "zeroshot", "--dataset", str(data), *common]
+    before = dataset_fingerprint(data)
+    assert _run_eval(argv, monkeypatch) == 0
+    (data / "aaa").mkdir()  # sorts first: every image's label moves up by one
+    assert dataset_fingerprint(data) != before
+    assert _run_eval(argv, monkeypatch) == 0
+    cached = json.loads((tmp_path / "out" / "test_zeroshot.json").read_text())["metrics"]["acc1"]
+    assert _run_eval(argv[:-2], monkeypatch) == 0  # no cache: computed from the images
+    fresh = json.loads((tmp_path / "out" / "test_zeroshot.json").read_text())["metrics"]["acc1"]
+    assert cached == fresh and len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
 def test_zeroshot_and_linear_probe_skip_bad_images_with_labels_aligned(tmp_path, monkeypatch, capsys):
     from clipforge.eval.datasets import ImageFolderDataset, ManifestClassificationDataset
     from clipforge.eval.features import encode_images

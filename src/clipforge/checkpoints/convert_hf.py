@@ -91,13 +91,14 @@ def convert_clipforge_to_hf(
 
 
 def convert_hf_to_clipforge(
-    state_dict: Mapping[str, torch.Tensor], cfg: CLIPConfig
+    state_dict: Mapping[str, torch.Tensor], cfg: CLIPConfig, what: str = "HF CLIPModel state dict"
 ) -> dict[str, torch.Tensor]:
-    """HF CLIPModel state dict -> clipforge layout; `cfg` from `config_from_hf(config.json)`."""
+    """HF CLIPModel state dict -> clipforge layout; `cfg` from `config_from_hf(config.json)`; `what` names
+    the state dict in errors."""
     _require_vit(cfg)
     sd = {k: v for k, v in state_dict.items() if k not in HF_IGNORED_KEYS}
     meta = meta_state_dict(cfg)
-    check_shapes(sd, {k: tuple(v.shape) for k, v in _to_hf(meta).items()}, "HF CLIPModel state dict")
+    check_shapes(sd, {k: tuple(v.shape) for k, v in _to_hf(meta).items()}, what)
     out = {}
     for k in meta:
         names = _hf_keys(k)

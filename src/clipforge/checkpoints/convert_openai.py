@@ -71,16 +71,18 @@ def convert_clipforge_to_openai(
 
 
 def convert_openai_to_clipforge(
-    state_dict: Mapping[str, torch.Tensor], cfg: CLIPConfig | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: CLIPConfig | None = None,
+    what: str = "OpenAI-layout state dict",
 ) -> dict[str, torch.Tensor]:
     """OpenAI-layout state dict -> clipforge layout. The scalar entries of OpenAI's TorchScript archives
     (input_resolution, context_length, vocab_size) are dropped; every other key and shape is checked.
-    `cfg` defaults to the architecture inferred from the tensor shapes."""
+    `cfg` defaults to the architecture inferred from the tensor shapes; `what` names it in errors."""
     sd = {k: v for k, v in state_dict.items() if k not in OPENAI_SCALAR_KEYS}
     cfg = cfg or infer_config_from_openai(sd)
     keys = openai_key_map(cfg)
     meta = meta_state_dict(cfg)
-    check_shapes(sd, {keys[k]: tuple(v.shape) for k, v in meta.items()}, "OpenAI-layout state dict")
+    check_shapes(sd, {keys[k]: tuple(v.shape) for k, v in meta.items()}, what)
     return {k: sd[keys[k]] for k in meta}
 
 

@@ -58,8 +58,12 @@ def read_checkpoint(path: str | Path, config: CLIPConfig | None = None) -> Check
         sd, fmt = _read_weights_file(path)
     sd = _upcast(sd)
     if "text_projection" in sd:  # OpenAI layout (OpenAI or OpenCLIP files)
-        cfg = config or infer_config_from_openai(sd)
-        return Checkpoint(convert_openai_to_clipforge(sd, cfg), cfg, fmt, path, {})
+        try:
+            cfg = config or infer_config_from_openai(sd)
+        except KeyError as e:  # a key the architecture cannot be read without
+            raise ValueError(f"{path}: {e.args[0]}") from None
+        sd = convert_openai_to_clipforge(sd, cfg, f"{path} (OpenAI layout)")
+        return Checkpoint(sd, cfg, fmt, path, {})
     if "text.proj" in sd:
         if config is None:
             raise ValueError(
@@ -151,8 +155,10 @@ def _torch_load_reason(e: Exception) -> str:
     """The line of torch.load's error that says what was wrong (its message also suggests
     turning weights_only off, which is exactly what clipforge must never do)."""
     for line in str(e).splitlines():
-        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip().strip("'")
         if line and not line.startswith(_TORCH_BOILERPLATE):
+            if not any(c.isalpha() for c in line):  # a text file: KeyError('101') from the legacy reader
+                return f"not a torch.save file ({type(e).__name__} {line} while unpickling)"
             return line
     return type(e).__name__
 
@@ -161,7 +167,7 @@ def _read_directory(path: Path, config: CLIPConfig | None) -> Checkpoint:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: a checkpoint directory needs config.json")
-    spec = json.loads(cfg_file.read_text(encoding="utf-8"))
+    spec = _read_json(cfg_file)
     if spec.get("format") == FORMAT_NAME:
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
@@ -172,22 +178,39 @@ def _read_directory(path: Path, config: CLIPConfig | None) -> Checkpoint:
             check_shapes(sd, shapes_of(meta_state_dict(cfg)), f"{weights}")
         return Checkpoint(sd, cfg, "clipforge", path, spec)
     if spec.get("model_type") == "clip" or "vision_config" in spec:
-        cfg = config or config_from_hf(spec)
+        try:
+            cfg = config or config_from_hf(spec)
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
         weights = next((path / n for n in HF_WEIGHTS_FILES if (path / n).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{path}: HF CLIP directory lacks {' or '.join(HF_WEIGHTS_FILES)}")
         sd, _ = _read_weights_file(weights)
         return Checkpoint(
-            convert_hf_to_clipforge(_upcast(sd), cfg), cfg, "hf", path, _hf_preprocess_spec(path)
+            convert_hf_to_clipforge(_upcast(sd), cfg, f"{weights} (HF CLIPModel)"),
+            cfg,
+            "hf",
+            path,
+            _hf_preprocess_spec(path),
         )
     raise ValueError(f'{cfg_file}: neither a clipforge ("format": "clipforge") nor a HF CLIP config')
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _hf_preprocess_spec(path: Path) -> dict[str, Any]:
     f = path / "preprocessor_config.json"
     if not f.is_file():
         return {}
-    p = json.loads(f.read_text(encoding="utf-8"))
+    p = _read_json(f)
     crop = p.get("crop_size")
     size = crop.get("height") if isinstance(crop, dict) else crop
     out = {"preprocess": {}}
@@ -218,8 +241,25 @@ def _hf_text_tower(ckpt: Checkpoint):
     )
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a one-line error for a bad name or a GPU that is not there (torch's
+    own are a RuntimeError / AssertionError from deep inside Module.to)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r}: no CUDA GPU is visible here (torch.cuda.is_available() is False)"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return dev
+
+
 def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> CLIP:
     """A CLIP in eval mode holding the checkpoint's weights (built on meta and assigned: no random init)."""
+    device = check_device(device)
     if _has_hf_text(ckpt.spec):  # HF modules keep non-persistent buffers: build them for real
         model = CLIP(ckpt.config, text_tower=_hf_text_tower(ckpt))
         check_shapes(ckpt.state_dict, shapes_of(model.state_dict()), f"{ckpt.path / WEIGHTS_FILE}")
@@ -239,6 +279,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", config: CLIPConfi
     OpenAI's BPE (`Tokenizer.from_openai_vocab`) when the model has its 49408-token vocabulary. When
     neither is available, the tokenizer is None and a warning says why (images still work).
     """
+    check_device(device)  # before reading what may be gigabytes
     ckpt = read_checkpoint(path, config)
     model = build_model(ckpt, device)
     return model, preprocess_for(ckpt), tokenizer_for(ckpt)

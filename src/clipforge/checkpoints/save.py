@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,27 @@ from .convert_openai import convert_clipforge_to_openai
 from .io import FORMAT_NAME, FORMAT_VERSION, HF_TEXT_DIR, WEIGHTS_FILE, save_safetensors
 
 
+def _current_umask() -> int:
+    try:  # Linux: read it without setting it (os.umask's set-and-restore races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _usual_permissions(path: Path) -> None:
+    """mkdtemp / mkstemp (and safetensors) create 0700 / 0600: give what a plain open/mkdir would (the
+    umask's), so a checkpoint written on a shared machine is as readable as any other file there."""
+    umask = _current_umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_directory(dst: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to `dst`; on success it replaces `dst` (a previous one is removed)."""
@@ -34,6 +56,7 @@ def atomic_directory(dst: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     try:
         yield tmp
+        _usual_permissions(tmp)
         old = None
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -54,6 +77,7 @@ def atomic_file(dst: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        _usual_permissions(Path(tmp))
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
@@ -152,6 +176,7 @@ def save_hf(model: CLIP, directory: str | Path, tokenizer: Any = None) -> Path:
 
 
 FORMATS = ("clipforge", "openai", "hf")
+OPENAI_VOCAB_SIZE = 49408
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, format: str, config: Any = None) -> Path:
@@ -164,6 +189,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str, config: An
     ckpt = read_checkpoint(src, config)
     model = build_model(ckpt)
     if format == "openai":
+        if ckpt.config.text.vocab_size != OPENAI_VOCAB_SIZE:  # its tokenizer cannot be found again
+            warnings.warn(
+                f"{dst}: the openai format holds no tokenizer, and this model's {ckpt.config.text.vocab_size}"
+                f"-token vocabulary is not OpenAI's: keep {src}'s tokenizer files (vocab.json, merges.txt) "
+                "or convert to --format clipforge / hf, which carry them",
+                stacklevel=2,
+            )
         return save_openai(model, dst)
     tokenizer = tokenizer_for(ckpt)
     if format == "hf":

@@ -7,15 +7,36 @@ import json
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_ints(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (each >= 1)."""
+    return [_positive_int(t.strip()) for t in text.split(",")]
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint (OpenAI / OpenCLIP / HF / clipforge directory)")
     p.add_argument("--pretrained", default="", help="label for the report's 'pretrained' field")
     p.add_argument("--dataset", help="test set: class folders, a labelled manifest, or a retrieval set")
     p.add_argument("--name", help="dataset label in the report (default: the path's stem)")
-    p.add_argument("--classnames", help="JSON list or {folder: name} (default: folder names)")
-    p.add_argument("--templates", default="default", help="'default', 'simple', 'clip_benchmark' or a JSON")
+    p.add_argument(
+        "--classnames", help="file: JSON list, {folder: name}, or one name a line (default: folder names)"
+    )
+    p.add_argument(
+        "--templates",
+        default="default",
+        help="'default', 'simple', 'clip_benchmark' or a file (JSON, or one a line)",
+    )
     p.add_argument("--template-dataset", help="dataset key inside a CLIP_benchmark templates file")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--cache-dir", help="cache image features here, keyed by model and dataset")
     p.add_argument("--output", default="eval_out", help="output folder (JSON, Markdown, plots)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
@@ -38,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         if task in ("linear-probe", "few-shot"):
             t.add_argument("--train", required=True, help="training set (folders or manifest)")
         if task == "few-shot":
-            t.add_argument("--ks", default="1,2,4,8,16")
-            t.add_argument("--seeds", type=int, default=3)
+            t.add_argument("--ks", type=_positive_ints, default=[1, 2, 4, 8, 16], help="shots per class")
+            t.add_argument("--seeds", type=_positive_int, default=3, help="draws of the shots per k")
         if task == "zeroshot":
             t.add_argument("--per-class", action="store_true", help="per-class table and confusion PNG")
         if task == "typographic":
@@ -86,7 +107,7 @@ def _spec(args: argparse.Namespace) -> dict:
     if getattr(args, "train", None):
         spec["train"] = args.train
     if args.eval_task == "few-shot":
-        spec["ks"] = [int(k) for k in args.ks.split(",")]
+        spec["ks"] = list(args.ks)
         spec["seeds"] = list(range(args.seeds))
     if args.eval_task == "typographic":
         spec.update(
@@ -129,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 def run_suite(args: argparse.Namespace) -> int:
     import yaml
 
-    from ..eval.tasks import run_task
+    from ..eval.tasks import check_spec, run_task
 
     cfg = yaml.safe_load(Path(args.tasks).read_text())
     if not isinstance(cfg, dict) or not cfg.get("tasks"):
@@ -138,14 +159,22 @@ def run_suite(args: argparse.Namespace) -> int:
     if not model_path:
         raise ValueError(f"{args.tasks}: no 'model' (or pass --model)")
     out = Path(args.output or cfg.get("output_dir", "eval_out"))
+    specs = []
+    for i, spec in enumerate(cfg["tasks"], 1):
+        if isinstance(spec, dict):
+            spec = {
+                "output_dir": str(out),
+                **{k: v for k, v in cfg.items() if k not in ("tasks", "model")},
+                **spec,
+            }
+        try:  # every task checked before the first one runs
+            check_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"{args.tasks}, task {i}: {e}") from None
+        specs.append(spec)
     model, preprocess, tokenizer = _load(model_path, args.device or cfg.get("device"))
     records = []
-    for spec in cfg["tasks"]:
-        spec = {
-            "output_dir": str(out),
-            **{k: v for k, v in cfg.items() if k not in ("tasks", "model")},
-            **spec,
-        }
+    for spec in specs:
         records.append(
             run_task(spec, model, preprocess, tokenizer, Path(model_path).name, cfg.get("pretrained", ""))
         )

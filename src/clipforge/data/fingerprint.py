@@ -29,9 +29,9 @@ def _is_shards(text: str) -> bool:
 
 
 def dataset_fingerprint(path: str | Path | Sequence[str | Path]) -> str:
-    """A 20-hex-digit hash of a dataset's files: a folder (every file's relative path, size and mtime),
-    tar shards (each shard's size and mtime), a manifest (its bytes, plus size and mtime of every image
-    path it lists), or a list of any of those."""
+    """A 20-hex-digit hash of a dataset's files: a folder (every file's relative path, size and mtime, and
+    every subfolder's path), tar shards (each shard's size and mtime), a manifest (its bytes, plus size and
+    mtime of every image path it lists), or a list of any of those."""
     h = hashlib.sha256()
     if not isinstance(path, str | Path):
         for p in path:
@@ -39,8 +39,11 @@ def dataset_fingerprint(path: str | Path | Sequence[str | Path]) -> str:
         return h.hexdigest()[:20]
     p = Path(path)
     if p.is_dir() and not any(p.glob("*.tar")):
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            h.update(_stat_line(f, f.relative_to(p).as_posix()))
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                h.update(_stat_line(f, f.relative_to(p).as_posix()))
+            elif f.is_dir():  # an empty class folder is a class: it shifts every label after it
+                h.update(f"{f.relative_to(p).as_posix()}/\n".encode())
     elif p.is_dir() or _is_shards(str(path)):
         for url in shard_urls(path):
             h.update(_stat_line(Path(url), url) if "://" not in url else f"{url}\n".encode())

@@ -7,7 +7,7 @@ images as a Dataset plus a flat caption list and `text_to_image` (the image inde
 from __future__ import annotations
 
 import io
-import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,18 +20,36 @@ from ..data.pairs import IMAGE_EXTS, manifest_rows, read_folder, read_manifest
 from ..data.skips import SkipCounter, Skipped
 from ..data.wds import image_member, sample_captions, shard_samples, shard_urls
 from ..transforms import ImageLoadError, load_image
+from .templates import read_list_file
 
 _load_image = load_image
 
 
 def _read_classnames(spec, folders: Sequence[str]) -> list[str]:
-    """Class names from a list, a JSON list (in folder order) or a JSON {folder: name} map."""
+    """Class names from a list, a file (a JSON list in folder order or {folder: name} map, or a text file
+    with one name a line). Empty names are refused; duplicates are allowed (ImageNet has two 'crane's)
+    but said, since zero-shot cannot tell such classes apart."""
     if spec is None:
         return [f.replace("_", " ") for f in folders]
-    data = json.loads(Path(spec).read_text(encoding="utf-8")) if isinstance(spec, str | Path) else spec
-    names = [data[f] for f in folders] if isinstance(data, dict) else list(data)
+    data = read_list_file(spec, "class name") if isinstance(spec, str | Path) else spec
+    if isinstance(data, dict):
+        absent = [f for f in folders if f not in data]
+        if absent:
+            raise ValueError(f"{spec}: no class name for {', '.join(map(repr, absent[:5]))}")
+        names = [data[f] for f in folders]
+    else:
+        names = list(data)
     if len(names) != len(folders):
         raise ValueError(f"{spec}: {len(names)} class names for {len(folders)} class folders")
+    empty = [i for i, n in enumerate(names) if not isinstance(n, str) or not n.strip()]
+    if empty:
+        raise ValueError(f"{spec}: class {empty[0]} ({folders[empty[0]]!r}) has no name: {names[empty[0]]!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        shown = ", ".join(map(repr, dup[:5]))
+        warnings.warn(
+            f"{spec}: duplicate class names {shown} (zero-shot cannot tell them apart)", stacklevel=3
+        )
     return names
 
 
@@ -43,6 +61,7 @@ class _LabelledImages(Dataset):
     samples: list[tuple[Path, int]]
     transform: Callable
     skips: SkipCounter
+    class_keys: list[str]  # what label i stands for on disk (folder name, label string or id): sets compare
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -70,6 +89,7 @@ class ImageFolderDataset(_LabelledImages):
         if not self.folders:
             raise ValueError(f"no class folders in {self.root}")
         self.classnames = _read_classnames(classnames, self.folders)
+        self.class_keys = list(self.folders)
         self.samples = [
             (p, i)
             for i, f in enumerate(self.folders)
@@ -103,6 +123,7 @@ class ManifestClassificationDataset(_LabelledImages):
         labels = [r[label_key] for r in rows]
         if all(str(v).lstrip("-").isdigit() for v in labels):
             ids = [int(v) for v in labels]
+            self.class_keys = [str(i) for i in range(max(ids) + 1)]
             self.classnames = (
                 _read_classnames(classnames, [str(i) for i in range(max(ids) + 1)])
                 if classnames is not None
@@ -115,7 +136,8 @@ class ManifestClassificationDataset(_LabelledImages):
                 else _read_classnames(classnames, sorted(set(labels)))
             )
             self.classnames = names if classnames is not None else [n.replace("_", " ") for n in names]
-            index = {n: i for i, n in enumerate(sorted(set(labels)))}
+            self.class_keys = sorted(set(labels))
+            index = {n: i for i, n in enumerate(self.class_keys)}
             ids = [index[v] for v in labels]
         self.transform, self.skips = transform, SkipCounter(str(path))
         self.samples = []

@@ -14,6 +14,7 @@ at k = 1).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,10 +113,21 @@ def few_shot_curve(
     **fit_kwargs,
 ) -> dict:
     """Accuracy vs k: {"k": [...], "linear_probe": {"mean", "std", "runs"}, ["zero_shot_prior": ...,
-    "zero_shot": acc]}; mean/std over seeds (std with Bessel's correction; 0 for one seed)."""
+    "zero_shot": acc], "classes_below_k": [...]}; mean/std over seeds (std with Bessel's correction; 0 for
+    one seed). A class with fewer than k training examples uses all it has: how many classes did so at
+    each k is in "classes_below_k", and a warning says it (such a point is not a k-shot result)."""
     from tqdm.auto import tqdm
 
     test_y = torch.as_tensor(test_y).long()
+    counts = torch.bincount(torch.as_tensor(train_y).long().cpu(), minlength=num_classes)
+    below = [int((counts < k).sum()) for k in ks]
+    short = [(k, n) for k, n in zip(ks, below) if n]
+    if short:
+        warnings.warn(
+            f"few-shot: {', '.join(f'k={k}: {n} of {num_classes} classes' for k, n in short)} have fewer "
+            f"training examples than k (fewest: {int(counts.min())}) and use all they have",
+            stacklevel=2,
+        )
     kinds = ["linear_probe"] + (["zero_shot_prior"] if classifier is not None else [])
     runs = {kind: [[] for _ in ks] for kind in kinds}
     jobs = [(i, k, s) for i, k in enumerate(ks) for s in seeds]
@@ -128,7 +140,7 @@ def few_shot_curve(
             )
             pred = predict_logits(test_x, w, b).argmax(-1).cpu()
             runs[kind][i].append((pred == test_y).double().mean().item())
-    out: dict = {"k": list(ks)}
+    out: dict = {"k": list(ks), "classes_below_k": below}
     for kind in kinds:
         t = [torch.tensor(r, dtype=torch.float64) for r in runs[kind]]
         out[kind] = {

@@ -57,6 +57,8 @@ def retrieval_ranks(
             neg = t2i[ts : ts + chunk_size, None] != torch.arange(is_, is_ + sims.shape[1], device=device)
             text_rank[ts : ts + chunk_size] += ((sims > p) & neg).sum(1)
             image_rank[is_ : is_ + chunk_size] += ((sims > best[None, is_ : is_ + chunk_size]) & neg).sum(0)
+    # an image without captions is a miss at every k (counting would give it rank M, a hit for k > M)
+    image_rank[best == -torch.inf] = torch.iinfo(torch.long).max
     return text_rank.cpu(), image_rank.cpu()
 
 

@@ -45,10 +45,65 @@ def classification_set(path, transform, classnames=None):
     return open_labelled(path, transform, classnames)
 
 
-def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pretrained: str = "") -> dict:
-    task = spec["task"]
+def check_same_classes(test, test_path, other, other_path) -> None:
+    """A label is an index into its own set's class list (sorted folders or label names), so a train or
+    shifted set with other classes than the test set would be scored against the wrong classes."""
+    a, b = list(test.class_keys), list(other.class_keys)
+    if a == b:
+        return
+    missing, extra = [k for k in a if k not in b], [k for k in b if k not in a]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(map(repr, keys[:5])) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    parts = ([f"lacks {few(missing)}"] if missing else []) + ([f"adds {few(extra)}"] if extra else [])
+    raise ValueError(
+        f"{other_path}: {len(b)} classes, the test set {test_path} {len(a)}: it "
+        f"{'; '.join(parts)}. Labels index each set's sorted class list, so the sets need the same "
+        "classes (an empty class folder keeps a class)"
+    )
+
+
+SPEC_KEYS = frozenset(
+    ("task", "dataset", "train", "name", "classnames", "templates", "template_dataset", "batch_size",
+     "cache_dir", "output_dir", "ks", "seeds", "zero_shot", "per_class", "shifted", "baseline_fit",
+     "font_size", "position", "contrast", "font", "seed", "chunk_size", "language", "pretrained", "device")
+)  # fmt: skip
+REQUIRED_KEYS = {"linear-probe": ("train",), "few-shot": ("train",), "robustness": ("shifted",)}
+
+
+def check_spec(spec) -> None:
+    """Refuse a spec before any work: an unknown task, a missing dataset / train / shifted entry, or an
+    unknown key (a typo such as 'template' would otherwise silently run with the default templates)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a task spec is a mapping (task: ..., dataset: ...), got {type(spec).__name__}")
+    task = spec.get("task")
     if task not in TASK_NAMES:
         raise ValueError(f"unknown task {task!r}; one of {', '.join(TASK_NAMES)}")
+    missing = [k for k in ("dataset", *REQUIRED_KEYS.get(task, ())) if not spec.get(k)]
+    if missing:
+        raise ValueError(f"task {task!r} needs {', '.join(map(repr, missing))}")
+    bs, ks, seeds = spec.get("batch_size", 1), spec.get("ks", [1]), spec.get("seeds", [0])
+    if not (isinstance(bs, int) and bs >= 1):
+        raise ValueError(f"task {task!r}: batch_size must be an integer >= 1, got {bs!r}")
+    if not (isinstance(ks, list | tuple) and ks and all(isinstance(k, int) and k >= 1 for k in ks)):
+        raise ValueError(f"task {task!r}: ks must be a list of integers >= 1, got {ks!r}")
+    if not (isinstance(seeds, list | tuple) and seeds and all(isinstance(v, int) for v in seeds)):
+        raise ValueError(f"task {task!r}: seeds must be a non-empty list of integers, got {seeds!r}")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        known = ", ".join(sorted(SPEC_KEYS))
+        raise ValueError(f"task {task!r}: unknown keys {', '.join(map(repr, unknown))}; known: {known}")
+
+
+def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pretrained: str = "") -> dict:
+    check_spec(spec)
+    task = spec["task"]
+    needs_text = task != "linear-probe" and (task != "few-shot" or spec.get("zero_shot", True))
+    if tokenizer is None and needs_text:  # clipforge.load warned why (no tokenizer files, no OpenAI vocab)
+        raise ValueError(
+            f"task {task!r} encodes text, and {model_name or 'the model'} came without a tokenizer"
+        )
     bs = int(spec.get("batch_size", 64))
     out_dir = Path(spec.get("output_dir", "eval_out"))
     cache = spec.get("cache_dir")
@@ -115,6 +170,7 @@ def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pre
                 plot_confusion(cm, classnames, out_dir / f"{name}_confusion.png")
         elif task in ("linear-probe", "few-shot"):
             train = classification_set(spec["train"], preprocess, spec.get("classnames"))
+            check_same_classes(test, spec["dataset"], train, spec["train"])
             xtr, ytr = feats(spec["train"], train)
             x, y = feats(spec["dataset"], test)
             if task == "linear-probe":
@@ -146,6 +202,8 @@ def run_task(spec: dict, model, preprocess, tokenizer, model_name: str = "", pre
                 k: classification_set(v, preprocess, spec.get("classnames"))
                 for k, v in spec["shifted"].items()
             }
+            for k, v in spec["shifted"].items():
+                check_same_classes(test, spec["dataset"], sets[k], v)
             results = evaluate_shifts(
                 model,
                 tokenizer,

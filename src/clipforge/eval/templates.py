@@ -38,7 +38,31 @@ def format_template(template: str, classname: str) -> str:
         return template.replace("{c}", classname)
     if "{}" in template:
         return template.replace("{}", classname)
-    raise ValueError(f"template has no '{{c}}' placeholder: {template!r}")
+    raise ValueError(f"template has no '{{c}}' or '{{}}' placeholder: {template!r}")
+
+
+def read_list_file(path: str | Path, what: str) -> list | dict:
+    """A JSON file (as it is: a list or a mapping) or a text file with one `what` a line (trailing blank
+    lines ignored; a blank line inside would shift every entry after it, so it is an error)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if text.lstrip()[:1] in ("[", "{"):  # JSON under another name (older clipforge read only JSON)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass  # a line that starts with a bracket, e.g. the template "{c} in the wild"
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise ValueError(f"{path}: line {blank[0]} is empty (one {what} a line)")
+    return [line.strip() for line in lines]
 
 
 def clip_benchmark_file(name: str) -> Path:
@@ -87,7 +111,7 @@ def load_classnames(path: str | Path = "clip_benchmark", dataset: str | None = N
     """Class names for `dataset` from a CLIP_benchmark-style `*_classnames.json`, or a plain JSON list."""
     p = Path(path)
     if p.exists():
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = read_list_file(p, "class name")
         if isinstance(data, list):
             return [str(c) for c in data]
         return _pick(data, dataset, "class names", p)
@@ -98,16 +122,17 @@ def load_classnames(path: str | Path = "clip_benchmark", dataset: str | None = N
 def load_templates(
     spec: str | Path | Sequence[str] = "default", dataset: str | None = None, language: str = "en"
 ) -> list[str]:
-    """Templates from a built-in name ('default', 'simple'), a list, a JSON file, or 'clip_benchmark'.
+    """Templates from a built-in name ('default', 'simple'), a list, a file, or 'clip_benchmark'.
 
-    A JSON file may hold a list of templates or CLIP_benchmark's {dataset: [templates]} table.
+    A .json file may hold a list of templates or CLIP_benchmark's {dataset: [templates]} table; any other
+    file holds one template a line.
     """
     if not isinstance(spec, str | Path):
         out = list(spec)
     elif str(spec) in BUILTIN:
         out = list(BUILTIN[str(spec)])
     elif Path(spec).exists():
-        data = json.loads(Path(spec).read_text(encoding="utf-8"))
+        data = read_list_file(spec, "template")
         out = [str(t) for t in data] if isinstance(data, list) else _pick(data, dataset, "templates", spec)
     elif str(spec) == "clip_benchmark":
         table = _read_json_table(spec, f"{language}_zeroshot_classification_templates.json")
@@ -116,6 +141,9 @@ def load_templates(
         raise FileNotFoundError(f"templates {spec!r}: not a file, nor one of {[*BUILTIN, 'clip_benchmark']}")
     if not out:
         raise ValueError(f"templates {spec!r}: empty template list")
-    for t in out:
-        format_template(t, "x")  # validates the placeholder
+    for i, t in enumerate(out):
+        try:
+            format_template(t, "x")  # validates the placeholder
+        except ValueError as e:
+            raise ValueError(f"templates {str(spec)!r}, template {i + 1}: {e}") from None
     return out

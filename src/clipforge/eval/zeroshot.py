@@ -6,6 +6,7 @@ renormalised; images are classified by cosine similarity (argmax) against these 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,8 +43,9 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.T
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """acc1, acc5 (top-min(5, C)) and mean per-class recall (= sklearn's balanced accuracy, over the
-    classes present in `labels`) from (N, C) scores."""
+    """acc1, acc5 and mean per-class recall (= sklearn's balanced accuracy, over the classes present in
+    `labels`) from (N, C) scores. With fewer than 5 classes acc5 is NaN, as CLIP_benchmark reports it:
+    a top-5 over 4 classes would be 100% whatever the model does."""
     labels = labels.to(logits.device).long()
     if len(labels) != len(logits):
         raise ValueError(f"{len(logits)} score rows but {len(labels)} labels")
@@ -54,7 +56,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     recalls = torch.stack([(pred[labels == c] == c).double().mean() for c in present])
     return {
         "acc1": _topk_correct(logits, labels, 1).double().mean().item(),
-        "acc5": _topk_correct(logits, labels, 5).double().mean().item(),
+        "acc5": _topk_correct(logits, labels, 5).double().mean().item() if logits.shape[1] >= 5 else math.nan,
         "mean_per_class_recall": recalls.mean().item(),
     }
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints.io import build_model, preprocess_for, read_checkpoint, tokenizer_for
+from ..checkpoints.io import build_model, check_device, preprocess_for, read_checkpoint, tokenizer_for
 from ..config import PRESETS, get_config
 from ..eval.features import model_fingerprint, tokenize
 from ..models.clip import CLIP
@@ -126,7 +126,7 @@ class TorchEncoder(Encoder):
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-        self.device = torch.device(device)
+        self.device = check_device(device)
         slow = slow_bf16_reason(self.device) if precision.startswith("bf16") else None
         if slow:
             warnings.warn(f"{slow}; use fp32", stacklevel=2)
