@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
+from clipforge.files import write_json_atomic
 from clipforge.use import EmbeddingStore, EmbedOptions, embed
 from clipforge.use.embedder import write_part
 from clipforge.use.index import build_index, choose_kind, delete_ids, parse_memory
 from clipforge.use.search import Searcher
-from clipforge.use.store import FORMAT, write_json_atomic
+from clipforge.use.store import FORMAT
 from clipforge.use.tune import needs_tuning, tune_search
 from use_helpers import tiny_checkpoint, write_images
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..config import VisionConfig
+from ..files import atomic_directory
 from ..models.classifier import ImageClassifier
-from .save import atomic_directory
 
 CLASSIFIER_FORMAT = "clipforge-classifier"
 WEIGHTS_FILE = "model.safetensors"

@@ -7,81 +7,18 @@ Every writer is atomic: files go to a temporary sibling first and are moved into
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_directory, atomic_file
 from ..models.clip import CLIP
 from ..models.hf_text import HFTextEncoder
 from .convert_hf import config_to_hf, convert_clipforge_to_hf
 from .convert_openai import convert_clipforge_to_openai
 from .io import FORMAT_NAME, FORMAT_VERSION, HF_TEXT_DIR, WEIGHTS_FILE, save_safetensors
-
-
-def _current_umask() -> int:
-    try:  # Linux: read it without setting it (os.umask's set-and-restore races with other threads)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def _usual_permissions(path: Path) -> None:
-    """mkdtemp / mkstemp (and safetensors) create 0700 / 0600: give what a plain open/mkdir would (the
-    umask's), so a checkpoint written on a shared machine is as readable as any other file there."""
-    umask = _current_umask()
-    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
-    for p in paths:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-@contextmanager
-def atomic_directory(dst: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory next to `dst`; on success it replaces `dst` (a previous one is removed)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst} exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
-        yield tmp
-        _usual_permissions(tmp)
-        old = None
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def atomic_file(dst: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)`, then move the file onto `dst`."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        _usual_permissions(Path(tmp))
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

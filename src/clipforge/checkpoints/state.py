@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..files import atomic_file
 
 STATE_FORMAT = "clipforge-state"
 STATE_VERSION = "1"
@@ -157,18 +157,7 @@ def save_state(state: Any, path: str | Path) -> Path:
 
     path = Path(path)
     tensors, meta = encode_state(state)  # before touching the disk: a bad value leaves no temp file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_safetensors(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_file(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
 
 
 def load_state(path: str | Path) -> Any:

@@ -23,7 +23,6 @@ same directory is refused (CacheMismatchError).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..files import is_leftover, write_json_atomic, write_npy_atomic, write_text_atomic
 from ..transforms import PreprocessConfig, eval_transform, train_transform
 from .embedding_cache import (
     CACHE_FORMAT,
@@ -84,9 +84,7 @@ def _view_seed(seed: int, view: int, index: int) -> int:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, ensure_ascii=False)
 
 
 def write_cache(
@@ -192,16 +190,15 @@ def write_cache(
                 meta["end"] = pos
                 arr = np.concatenate(chunks).astype(np_dtype)
                 _write_json(meta_path, meta)
-                tmp = out / f".{npy.name}.tmp-{os.getpid()}.npy"
-                np.save(tmp, arr)
-                os.replace(tmp, npy)  # a shard exists only once it is complete
+                write_npy_atomic(npy, arr)  # a shard exists only once it is complete
                 metas.append(meta)
                 row, s = row + meta["rows"], s + 1
     finally:
         bar.close()
         tower.train(was_training)
-        for f in out.glob(".shard_*.tmp-*"):
-            f.unlink(missing_ok=True)
+        for f in out.glob(".shard_*"):
+            if is_leftover(f):
+                f.unlink(missing_ok=True)
     return _finish(out, layout, metas, listed_skips or [], tail_skips)
 
 
@@ -217,16 +214,14 @@ def _finish(out: Path, layout: dict, metas: list[dict], listed: list, tail: list
         counts[reason] = counts.get(reason, 0) + 1
     rows = [c for m in metas for c in m["captions"]]
     log = "".join(f"{reason}\t{detail}\n" for reason, detail in skipped)
-    tmp = out / f".{SKIP_LOG}.tmp-{os.getpid()}"
-    tmp.write_text(log, encoding="utf-8")
-    os.replace(tmp, out / SKIP_LOG)
+    write_text_atomic(out / SKIP_LOG, log)
     if not rows:
         why = ", ".join(f"{k} {v}" for k, v in counts.items()) or "the source lists none"
         raise ValueError(f"{out}: no readable samples to cache ({why}); see {out / SKIP_LOG}")
     if layout["source"] is not None:  # a Dataset's items carry no captions (see cache_embeddings)
-        tmp = out / f".{CAPTIONS_FILE}.tmp-{os.getpid()}"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, out / CAPTIONS_FILE)
+        write_text_atomic(
+            out / CAPTIONS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
     first = np.load(out / "shard_00000.npy", mmap_mode="r")
     index = {
         **layout,

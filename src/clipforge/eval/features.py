@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..files import atomic_file
+
 
 def model_device(model: torch.nn.Module) -> torch.device:
     p = next(model.parameters(), None)
@@ -176,7 +178,6 @@ def cached_image_features(
     tensors = {"features": feats.contiguous()}
     if labels is not None:
         tensors["labels"] = labels.contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"model": fingerprint, "key": json.dumps([repr(k) for k in key])})
-    tmp.replace(path)  # atomic: a crashed run never leaves a half-written cache entry
+    meta = {"model": fingerprint, "key": json.dumps([repr(k) for k in key])}
+    atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # never half an entry
     return feats, labels

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from ..files import write_text_atomic
 
 
 class MetricsLogger:
@@ -49,9 +50,7 @@ class MetricsLogger:
         if not path.exists():
             return
         kept = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)  # a crash mid-rewrite leaves the old file, never half of it
+        write_text_atomic(path, "".join(line + "\n" for line in kept))  # a crash leaves the old file
 
 
 def _jsonable(x: Any) -> Any:

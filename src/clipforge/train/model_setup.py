@@ -71,7 +71,7 @@ def build_tokenizer(
             tok = train_bpe(
                 tqdm(texts, desc="training BPE", leave=False, disable=len(texts) < 50_000), size, ctx
             )
-            from ..checkpoints.save import atomic_directory
+            from ..files import atomic_directory
 
             with atomic_directory(saved) as tmp:  # a resume never finds half a vocabulary
                 tok.save(tmp)

@@ -10,10 +10,8 @@ out/
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 import yaml
 
 from ..checkpoints.state import load_state, save_state
+from ..files import is_leftover, write_bytes_atomic
 
 CHECKPOINT_SUFFIX = ".safetensors"
 _CKPT = re.compile(r"^step-(\d+)\.safetensors$")
@@ -43,7 +42,8 @@ class RunDir:
         return self
 
     def remove_temp_files(self) -> list[Path]:
-        """Delete what interrupted atomic writes left behind (`.name.*.tmp` files, `.name.tmp-*` folders).
+        """Delete what interrupted atomic writes left behind (`.NAME.tmp-*` files and folders; also the
+        `.NAME.*.tmp` files of earlier versions).
         Only safe while this process holds the run lock (no other writer)."""
         import shutil
 
@@ -52,7 +52,7 @@ class RunDir:
             if not folder.is_dir():
                 continue
             for p in folder.iterdir():
-                if p.name.startswith(".") and (p.name.endswith(".tmp") or ".tmp-" in p.name):
+                if is_leftover(p) or (p.name.startswith(".") and p.name.endswith(".tmp")):
                     if p.is_dir():
                         shutil.rmtree(p)
                     else:
@@ -61,7 +61,7 @@ class RunDir:
         return removed
 
     def save_config(self, config: dict[str, Any]) -> None:
-        atomic_write_bytes(self.config, yaml.safe_dump(config, sort_keys=False).encode())
+        write_bytes_atomic(self.config, yaml.safe_dump(config, sort_keys=False).encode())
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}{CHECKPOINT_SUFFIX}"
@@ -93,20 +93,6 @@ class RunDir:
         for _, old in self.list_checkpoints()[:-keep_last]:
             old.unlink(missing_ok=True)
         return path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

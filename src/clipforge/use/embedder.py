@@ -15,9 +15,7 @@ preprocess while the main process runs the model.
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.skips import SkipCounter
+from ..files import atomic_file, write_json_atomic, write_npy_atomic
 from .encoders import Encoder, open_encoder
 from .inputs import (
     KINDS,
@@ -39,7 +38,7 @@ from .inputs import (
     folder_items,
     manifest_items,
 )
-from .store import EMB_DIRS, FORMAT, MANIFEST, PART_DIRS, EmbeddingStore, write_json_atomic
+from .store import EMB_DIRS, FORMAT, MANIFEST, PART_DIRS, EmbeddingStore
 
 MODALITIES = ("image", "text", "both")
 DTYPES = ("float16", "float32")
@@ -146,21 +145,6 @@ def _remove_leftovers(out: Path, manifest: dict[str, Any]) -> None:
                     f.unlink()
 
 
-def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.save(f, array)
-
-    _save_atomic(path, write)
-
-
 def write_part(
     out: Path, name: str, first_id: int, rows: dict[str, list], feats: dict, skipped: list
 ) -> None:
@@ -180,10 +164,12 @@ def write_part(
         }
     )
     for modality, chunks in feats.items():
-        _save_npy(out / EMB_DIRS[modality] / f"{name}.npy", np.concatenate(chunks) if chunks else chunks)
-    _save_atomic(out / "metadata" / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+        write_npy_atomic(
+            out / EMB_DIRS[modality] / f"{name}.npy", np.concatenate(chunks) if chunks else chunks
+        )
+    atomic_file(out / "metadata" / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
     lines = "".join(json.dumps({"key": k, "reason": s.reason, "detail": s.detail}) + "\n" for k, s in skipped)
-    _save_atomic(out / "skipped" / f"{name}.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    atomic_file(out / "skipped" / f"{name}.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
 
 
 def _write_skip_log(out: Path, manifest: dict[str, Any]) -> None:

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from ..files import write_json_atomic, write_npy_atomic
 from .index_files import index_paths, read_deleted
-from .store import EmbeddingStore, write_json_atomic
+from .store import EmbeddingStore
 from .tune import DEFAULT_TARGET_RECALL, needs_tuning, tune_search
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -205,7 +206,7 @@ def delete_ids(directory: str | Path, ids: list[int] | np.ndarray, modality: str
         index.remove_ids(new)
         info["count"] = int(index.ntotal)
     # the deleted list first: were the index not rewritten, searches still filter these ids
-    np.save(deleted_path, np.union1d(old, ids))
+    write_npy_atomic(deleted_path, np.union1d(old, ids))
     if info["kind"] != "hnsw" and new.size:
         _commit(directory, modality, index, info)
     return int(new.size)

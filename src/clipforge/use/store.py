@@ -16,7 +16,6 @@ what the manifest names is finished; anything else is the leftover of an interru
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,6 @@ MANIFEST = "manifest.json"
 FORMAT = "clipforge-embeddings"
 EMB_DIRS = {"image": "img_emb", "text": "text_emb"}
 PART_DIRS = (*EMB_DIRS.values(), "metadata", "skipped")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

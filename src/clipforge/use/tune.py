@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from ..files import write_json_atomic
 from .index_files import index_paths, read_deleted
 from .search import Searcher
-from .store import EmbeddingStore, write_json_atomic
+from .store import EmbeddingStore
 
 DEFAULT_TARGET_RECALL = 0.95
 K = 10  # recall@10
