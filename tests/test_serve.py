@@ -54,7 +54,6 @@ def _b64(data: bytes) -> str:
 def test_health_docs_and_page(client):
     h = client.get("/v1/health").json()
     assert h["status"] == "ok" and h["index"] == {"count": N_IMAGES, "kind": "flat", "modality": "image"}
-    assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     for p in ("/v1/embed/text", "/v1/embed/image", "/v1/classify", "/v1/search", "/v1/index/add"):
         assert p in paths

@@ -1,10 +1,11 @@
-"""The FastAPI application: versioned JSON endpoints over a Service, the web page, /metrics, /docs.
+"""The FastAPI application: versioned JSON endpoints over a Service, the web page, /metrics, /openapi.json.
 
     app = create_app(Service(open_encoder("ckpt/"), ServeConfig(), index_dir="emb/"))
 
 Every answer to bad input is a 4xx JSON body {"error": code, "detail": sentence}; endpoints that take
 images accept multipart/form-data (files) or JSON with base64 strings. The page's files are read from
-the package once, at start: no request path reaches the file system.
+the package once, at start: no request path reaches the file system. FastAPI's /docs and /redoc are
+off: their pages load JavaScript from a CDN (blank without internet) and no dependency ships it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .service import Service
 
 T = TypeVar("T")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
-OPEN_PATHS = ("/", "/v1/health", "/docs", "/openapi.json", "/static/")  # no key needed (no data in them)
+OPEN_PATHS = ("/", "/v1/health", "/openapi.json", "/static/")  # no key needed (no data in them)
 
 
 class Guard:
@@ -135,9 +136,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
         detail = str(exc.detail)
         if exc.status_code == 404 and not isinstance(exc, ApiError):
-            detail = f"no endpoint {request.method} {request.url.path}: see /docs"
+            detail = f"no endpoint {request.method} {request.url.path}: see /openapi.json"
         elif exc.status_code == 405 and not isinstance(exc, ApiError):
-            detail = f"{request.method} is not allowed on {request.url.path}: see /docs"
+            detail = f"{request.method} is not allowed on {request.url.path}: see /openapi.json"
         return error_response(exc.status_code, code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -162,6 +163,8 @@ def create_app(service: Service) -> FastAPI:
         version=__version__,
         description="Embed, classify and search with a CLIP model. Errors: {error, detail}, a 4xx status.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc fetch their assets from cdn.jsdelivr.net
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(Guard, service=service)

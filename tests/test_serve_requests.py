@@ -1,0 +1,35 @@
+"""clipforge serve: what the server itself answers about its API and request bodies: nothing fetched
+from a CDN, one error shape for a bad body on every JSON endpoint, the server's own limits quoted,
+JSON fields of the wrong type refused (multipart fields are strings and are parsed)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient
+
+from clipforge.serve.app import create_app
+from serve_helpers import build_index_dir, make_service
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    ckpt, emb, _ = build_index_dir(tmp_path_factory.mktemp("serve_requests"))
+    with TestClient(create_app(make_service(ckpt, emb, max_items=8, max_pixels=4_000_000))) as c:
+        yield c
+
+
+def test_nothing_served_loads_from_the_network(client):
+    """/docs was FastAPI's Swagger UI, whose JS and CSS come from cdn.jsdelivr.net: a blank page on a
+    machine without internet. The interactive docs are off; /openapi.json describes the API."""
+    for path in ("/docs", "/redoc"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.json()["error"] == "not_found", path
+        assert "/openapi.json" in r.json()["detail"]
+    assert "/v1/search" in client.get("/openapi.json").json()["paths"]
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        text = client.get(path).text
+        assert "cdn." not in text and "https://" not in text, path
