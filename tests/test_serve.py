@@ -162,7 +162,10 @@ def _malformed(client):
         ("text/plain to an image endpoint", lambda: client.post(
             "/v1/embed/image", content=b"hello", headers={"content-type": "text/plain"}), 415, None),
         ("form to a JSON endpoint", lambda: client.post(
-            "/v1/embed/text", data={"texts": "a"}), 422, "invalid_request"),
+            "/v1/embed/text", data={"texts": "a"}), 415, "unsupported_media_type"),  # as /v1/search says
+        ("texts not a list", lambda: client.post(
+            "/v1/embed/text", json={"texts": "a"}), 422, "invalid_request"),
+        ("no texts field", lambda: client.post("/v1/embed/text", json={}), 422, "invalid_request"),
         ("unknown endpoint", lambda: client.get("/v1/nothing/here"), 404, "not_found"),
         ("wrong method", lambda: client.get("/v1/search"), 405, "method_not_allowed"),
         ("invalid JSON", lambda: client.post(

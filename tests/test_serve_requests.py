@@ -33,3 +33,24 @@ def test_nothing_served_loads_from_the_network(client):
     for path in ("/", "/static/app.js", "/static/style.css"):
         text = client.get(path).text
         assert "cdn." not in text and "https://" not in text, path
+
+
+JSON_ENDPOINTS = ("/v1/embed/text", "/v1/embed/image", "/v1/classify", "/v1/search", "/v1/index/add")
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+def test_every_json_endpoint_answers_a_bad_body_the_same_way(client, path):
+    """/v1/embed/text let FastAPI parse its body: invalid JSON got FastAPI's own error ('1: JSON decode
+    error') instead of the one-line bad_json every other endpoint gives."""
+    headers = {"content-type": "application/json"}
+    for body, status, code in (
+        (b"{not json", 400, "bad_json"),
+        (b"\xff\xfe", 400, "bad_json"),
+        (b"[1, 2]", 422, "invalid_request"),
+    ):
+        r = client.post(path, content=body, headers=headers)
+        assert (r.status_code, set(r.json()), r.json()["error"]) == (status, {"error", "detail"}, code), (
+            body,
+            r.text,
+        )
+        assert isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"]

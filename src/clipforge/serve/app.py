@@ -33,8 +33,10 @@ from .bodies import (
     TextsIn,
     body_doc,
     int_field,
+    json_body_doc,
     one_field,
     read_json,
+    read_json_request,
     read_upload_request,
 )
 from .errors import STATUS_CODES, ApiError
@@ -198,10 +200,13 @@ def create_app(service: Service) -> FastAPI:
         """Prometheus text format: requests, latency, batch sizes, forwards, queue depth, index size."""
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/embed/text")
-    async def embed_text(body: TextsIn) -> dict[str, Any]:
+    @app.post("/v1/embed/text", openapi_extra=json_body_doc(TextsIn))
+    async def embed_text(request: Request) -> dict[str, Any]:
         """Unit-norm text embeddings, one row per text."""
-        vecs = await bounded(service.embed_texts(body.texts))
+        texts = (await read_json_request(request)).get("texts")  # read here: bad JSON gets bad_json
+        if not isinstance(texts, list):
+            raise ApiError(422, "invalid_request", "texts: give a list of strings")
+        vecs = await bounded(service.embed_texts(texts))
         return {"embeddings": vecs.tolist(), "dim": int(vecs.shape[1]), "model": service.encoder.fingerprint}
 
     @app.post("/v1/embed/image", openapi_extra=body_doc(ImagesIn, FILES))

@@ -105,6 +105,26 @@ async def read_upload_request(
     )
 
 
+def json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a JSON-only endpoint that reads its body itself (`read_json_request`)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+async def read_json_request(request: Request) -> dict[str, Any]:
+    """The JSON object of a JSON-only endpoint: 415 for another content type, else `read_json`."""
+    ctype = request.headers.get("content-type", "").lower()
+    if not ctype.startswith("application/json"):
+        raise ApiError(
+            415, "unsupported_media_type", f"content type {ctype or '(none)'}: send application/json"
+        )
+    return await read_json(request)
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.body())
