@@ -12,7 +12,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
 from clipforge.serve.app import create_app
-from serve_helpers import build_index_dir, make_service
+from serve_helpers import bomb_png, build_index_dir, make_service
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,13 @@ def test_every_json_endpoint_answers_a_bad_body_the_same_way(client, path):
             r.text,
         )
         assert isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"]
+
+
+def test_a_decompression_bomb_is_refused_with_the_servers_limit(client):
+    """A 20,000 x 20,000 PNG is past PIL's own hard limit, so PIL refused it first and the 413 quoted
+    PIL's 178,956,970 pixels, not the limit the server applies (max_pixels, here 4,000,000)."""
+    r = client.post("/v1/embed/image", files={"files": ("bomb.png", bomb_png())})
+    assert (r.status_code, r.json()["error"]) == (413, "image_too_large")
+    detail = r.json()["detail"]
+    assert "bomb.png" in detail and "400000000 pixels" in detail and "max_pixels=4000000" in detail, detail
+    assert "178956970" not in detail and "MAX_IMAGE_PIXELS" not in detail
