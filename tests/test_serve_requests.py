@@ -4,6 +4,8 @@ JSON fields of the wrong type refused (multipart fields are strings and are pars
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 pytest.importorskip("fastapi")
@@ -12,7 +14,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
 from clipforge.serve.app import create_app
-from serve_helpers import bomb_png, build_index_dir, make_service
+from serve_helpers import bomb_png, build_index_dir, make_service, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +66,48 @@ def test_a_decompression_bomb_is_refused_with_the_servers_limit(client):
     detail = r.json()["detail"]
     assert "bomb.png" in detail and "400000000 pixels" in detail and "max_pixels=4000000" in detail, detail
     assert "178956970" not in detail and "MAX_IMAGE_PIXELS" not in detail
+
+
+def _b64_png() -> str:
+    return base64.b64encode(png_bytes()).decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"id": 1.0}, "bad_id"),  # was 404 unknown_id: a type error, not a missing row
+        ({"id": "4"}, "bad_id"),
+        ({"id": True}, "bad_id"),
+        ({"id": 1, "k": "5"}, "bad_k"),  # was accepted: JSON has numbers, a string is a client bug
+        ({"id": 1, "k": ["5"]}, "bad_k"),  # was accepted as if it were a multipart field
+        ({"id": 1, "k": 5.0}, "bad_k"),
+        ({"id": 1, "k": True}, "bad_k"),
+        ({"id": 1, "dedup": "0.95"}, "bad_dedup"),  # was accepted
+        ({"id": 1, "dedup": True}, "bad_dedup"),  # was read as 1.0
+        ({"labels": ["a", "b"], "top_k": "2"}, "bad_top_k"),  # was accepted
+        ({"labels": ["a", "b"], "top_k": 2.0}, "bad_top_k"),
+    ],
+)
+def test_json_fields_of_the_wrong_type_are_refused(client, body, code):
+    path = "/v1/classify" if "labels" in body else "/v1/search"
+    if "labels" in body:
+        body = {**body, "images": [_b64_png()]}
+    r = client.post(path, json=body)
+    assert (r.status_code, r.json()["error"]) == (422, code), r.text
+
+
+def test_numbers_arrive_as_strings_in_multipart_and_as_numbers_in_json(client):
+    """Multipart form fields are strings by nature: "2" is read as 2 there, and only there."""
+    image = {"file": ("a.png", png_bytes())}
+    r = client.post("/v1/search", files=image, data={"k": "2", "dedup": "0.99"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+    r = client.post("/v1/search", files=image, data={"k": "2.0"})
+    assert (r.status_code, r.json()["error"]) == (422, "bad_k")
+    r = client.post("/v1/search", files=image, data={"k": ["2", "3"]})
+    assert (r.status_code, r.json()["error"]) == (422, "bad_k")
+    files = {"files": ("a.png", png_bytes())}
+    r = client.post("/v1/classify", files=files, data={"labels": ["a", "b", "c"], "top_k": "2"})
+    assert r.status_code == 200 and len(r.json()["results"][0]["labels"]) == 2, r.text
+    r = client.post("/v1/search", json={"id": 1, "k": 2, "dedup": 1})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+    assert client.post("/v1/search", json={"id": 10**6}).json()["error"] == "unknown_id"

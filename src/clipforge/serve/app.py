@@ -32,9 +32,9 @@ from .bodies import (
     SearchIn,
     TextsIn,
     body_doc,
+    float_field,
     int_field,
     json_body_doc,
-    one_field,
     read_json,
     read_json_request,
     read_upload_request,
@@ -233,7 +233,7 @@ def create_app(service: Service) -> FastAPI:
         templates = fields.get("templates") or ["{}"]
         if not isinstance(templates, list):  # a bare string would be read one character at a time
             raise ApiError(422, "bad_template", 'templates: give a list of strings, e.g. ["a photo of {}."]')
-        top_k = int_field(one_field(fields, "top_k", 5), "top_k")
+        top_k = int_field(fields, "top_k", 5)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise ApiError(422, "bad_top_k", "top_k must be a positive integer")
         results = await bounded(service.classify(uploads, labels, templates, top_k))
@@ -261,15 +261,10 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(
                 415, "unsupported_media_type", f"content type {ctype or '(none)'}: send application/json"
             )
-        k = service.check_k(int_field(one_field(fields, "k", 10), "k"))
-        dedup = one_field(fields, "dedup")
-        if dedup is not None:
-            try:
-                dedup = float(dedup)
-            except (TypeError, ValueError):
-                dedup = -1.0
-            if not 0.5 <= dedup <= 1.0:
-                raise ApiError(422, "bad_dedup", "dedup must be a cosine from 0.5 to 1")
+        k = service.check_k(int_field(fields, "k", 10))
+        dedup = float_field(fields, "dedup")
+        if dedup is not None and not 0.5 <= dedup <= 1.0:
+            raise ApiError(422, "bad_dedup", "dedup must be a cosine from 0.5 to 1")
 
         async def run() -> dict[str, Any]:
             start = time.perf_counter()

@@ -67,13 +67,13 @@ async def read_upload_request(
     request: Request, service: Service
 ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     """(uploads as (name, bytes), the other fields) from a multipart or JSON body. Multipart fields are
-    lists of strings (a repeated field repeats); JSON fields are as sent."""
+    a FormFields (lists of strings); JSON fields are as sent."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
         cfg = service.cfg
         try:
             form = await request.form(max_files=cfg.max_items, max_fields=cfg.max_labels + 16)
-            uploads, fields = [], {}
+            uploads, fields = [], FormFields()
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     uploads.append((value.filename or key, await value.read()))
@@ -137,16 +137,44 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def one_field(fields: dict[str, Any], name: str, default: Any = None) -> Any:
-    """A scalar field: multipart sends every field as a list of strings, JSON as it is."""
+class FormFields(dict):
+    """The non-file fields of a multipart body: every value a list of strings (a repeated field repeats).
+    Numbers can only arrive as strings here, so `int_field` / `float_field` parse them; in a JSON body
+    a number must be a JSON number (a string there is a client bug, refused)."""
+
+
+def _scalar(fields: dict[str, Any], name: str, default: Any) -> tuple[Any, bool]:
+    """(the value of field `name`, whether it is a multipart string to parse)."""
     value = fields.get(name, default)
-    return value[0] if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) else value
+    if not isinstance(fields, FormFields) or name not in fields:
+        return value, False
+    if len(value) != 1:
+        raise ApiError(422, f"bad_{name}", f"{name}: give it once, got {len(value)} values")
+    return value[0], True
 
 
-def int_field(value: Any, name: str) -> int:
-    if isinstance(value, str):
+def int_field(fields: dict[str, Any], name: str, default: int | None = None) -> int | None:
+    """An integer field (range checks are the caller's): a JSON integer (not 5.0, "5" or true), or a
+    multipart string of one."""
+    value, form = _scalar(fields, name, default)
+    if form:
         try:
             return int(value)
         except ValueError:
-            raise ApiError(422, f"bad_{name}", f"{name} must be an integer, got {value!r}") from None
-    return value
+            pass
+    elif value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ApiError(422, f"bad_{name}", f"{name} must be an integer, got {value!r}")
+
+
+def float_field(fields: dict[str, Any], name: str) -> float | None:
+    """A number field, None when absent: a JSON number (not "0.9" or true), or a multipart string of one."""
+    value, form = _scalar(fields, name, None)
+    if form:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    raise ApiError(422, f"bad_{name}", f"{name} must be a number, got {value!r}")
