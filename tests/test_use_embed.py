@@ -2,8 +2,10 @@
 counted and named; resume after a crash and --append give the rows of one uninterrupted run."""
 
 import json
+import shutil
 import tarfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -275,3 +277,39 @@ def test_bf16_precisions_stay_close_to_fp32_and_leave_the_model_alone(preset):
         v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items()
     )
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_an_embedding_directory_works_from_any_working_directory(ckpt, tmp_path, monkeypatch):
+    """`embed --data photos/ --model model/` recorded `photos/img000.jpg` and `model` relative to the
+    directory it ran in: from anywhere else the thumbnails were 'gone' and `search` could not open the
+    model. Now local paths are recorded absolute (the key stays relative to the data root)."""
+    from clipforge.use.index import build_index
+    from clipforge.use.search import Searcher
+
+    work = tmp_path / "work"
+    files = write_images(work / "photos", 4)
+    shutil.copytree(ckpt, work / "model")
+    (work / "list.csv").write_text(
+        "image,caption\n" + "".join(f"photos/{f.name},a photo\n" for f in files[:2])
+    )
+    monkeypatch.chdir(work)
+    opts = EmbedOptions(progress=False)
+    embed("photos", "emb", "model", options=opts)
+    embed("list.csv", "emb_csv", "model", options=opts)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for out, n in ((work / "emb", 4), (work / "emb_csv", 2)):
+        store = EmbeddingStore(out)
+        rows = store.metadata(["key", "path"]).to_pylist()
+        assert len(rows) == n and all(
+            Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in rows
+        )
+        assert store.manifest["model"]["source"] == str(work / "model")
+        assert store.manifest["data"]["source"] == str(work / ("photos" if n == 4 else "list.csv"))
+    assert {r["key"] for r in EmbeddingStore(work / "emb").metadata(["key"]).to_pylist()} == {
+        f.relative_to(work / "photos").as_posix() for f in files
+    }
+    build_index(work / "emb")
+    s = Searcher(work / "emb")  # no encoder given: the manifest's model, opened from here
+    assert len(s.search(s.query(text="a red picture"), k=2)[0]) == 2

@@ -4,7 +4,9 @@ id / vector, dedup."""
 
 import itertools
 import json
+import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -103,6 +105,34 @@ def test_incremental_add_and_delete(tmp_path):
     assert s.index.ntotal == 598
     assert 599 not in {h["id"] for h in s.search(x[599], k=20)[0]}
     assert build_index(tmp_path / "e")["count"] == 598  # nothing new, deleted stay deleted
+
+
+def test_a_stale_index_is_named_when_searched(tmp_path, capsys):
+    """After `embed --append` without `clipforge index` the index lacked the new part's rows and searches
+    missed them without a word; now opening it warns with both counts and the command to run."""
+    from clipforge.cli import main as cli_main
+
+    d = tmp_path / "e"
+    synthetic_dir(d, 600, parts=3)
+    manifest = json.loads((d / "manifest.json").read_text())
+    full = manifest["parts"]
+    manifest["parts"], manifest["count"] = full[:2], 400
+    write_json_atomic(d / "manifest.json", manifest)
+    build_index(d, kind="flat")
+    delete_ids(d, [5])  # deleted rows are not what is missing: the message counts unindexed parts
+    manifest["parts"], manifest["count"] = full, 600  # as `embed --append` leaves it
+    write_json_atomic(d / "manifest.json", manifest)
+    want = f"{d}: the image index covers 400 of the 600 stored rows; searches miss the other 200 "
+    want += f"(in part-00002, embedded after the index was built): run `clipforge index {d}`"
+    with pytest.warns(UserWarning, match=re.escape(want)):
+        Searcher(d)
+    assert cli_main(["search", str(d), "--id", "599", "-k", "1"]) == 0
+    assert "clipforge search: warning: " in capsys.readouterr().err
+    build_index(d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # up to date: nothing said
+        s = Searcher(d)
+    assert s.search(s.query(id=599), k=1)[0][0]["id"] == 599
 
 
 def test_hnsw_delete_filters(tmp_path):

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve embed / classify / search over HTTP, with a search page at /",
         description="FastAPI on uvicorn: /v1/embed/text, /v1/embed/image, /v1/classify, /v1/search, "
-        "/v1/thumbnail/ID, /v1/index/add, /v1/health, /metrics, /docs, and a search page at /. "
+        "/v1/thumbnail/ID, /v1/index/add, /v1/health, /metrics, /openapi.json, and a search page at /. "
         "Binding beyond loopback needs an API key (CLIPFORGE_API_KEY or --api-key-file).",
     )
     p.add_argument(
@@ -74,6 +74,6 @@ def run(args: argparse.Namespace) -> int:
         modality=args.modality,
         config=config,
     )
-    print(f"clipforge serve: http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    print(f"clipforge serve: http://{args.host}:{args.port}/ (API description at /openapi.json)", flush=True)
     serve(service, host=args.host, port=args.port, log_level=args.log_level)
     return 0

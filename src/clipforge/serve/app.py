@@ -1,17 +1,17 @@
-"""The FastAPI application: versioned JSON endpoints over a Service, the web page, /metrics, /docs.
+"""The FastAPI application: versioned JSON endpoints over a Service, the web page, /metrics, /openapi.json.
 
     app = create_app(Service(open_encoder("ckpt/"), ServeConfig(), index_dir="emb/"))
 
 Every answer to bad input is a 4xx JSON body {"error": code, "detail": sentence}; endpoints that take
 images accept multipart/form-data (files) or JSON with base64 strings. The page's files are read from
-the package once, at start: no request path reaches the file system.
+the package once, at start: no request path reaches the file system. FastAPI's /docs and /redoc are
+off: their pages load JavaScript from a CDN (blank without internet) and no dependency ships it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
@@ -21,62 +21,31 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .bodies import (
+    FILES,
+    AddIn,
+    ClassifyIn,
+    ImagesIn,
+    SearchIn,
+    TextsIn,
+    body_doc,
+    float_field,
+    int_field,
+    json_body_doc,
+    read_json,
+    read_json_request,
+    read_upload_request,
+)
 from .errors import STATUS_CODES, ApiError
 from .images import decode_base64
 from .service import Service
 
 T = TypeVar("T")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
-OPEN_PATHS = ("/", "/v1/health", "/docs", "/openapi.json", "/static/")  # no key needed (no data in them)
-
-
-class TextsIn(BaseModel):
-    texts: list[str] = Field(description="strings to embed (at most max_items, each at most max_text_chars)")
-
-
-class ImagesIn(BaseModel):
-    images: list[str] = Field(description="base64 images (or data: URLs)")
-
-
-class ClassifyIn(ImagesIn):
-    labels: list[str]
-    templates: list[str] = Field(default=["{}"], description='e.g. ["a photo of {}."], averaged per label')
-    top_k: int = 5
-
-
-class SearchIn(BaseModel):
-    text: str | None = None
-    image: str | None = Field(default=None, description="a base64 image")
-    id: int | None = Field(default=None, description="a row id of the index")
-    vector: list[float] | None = None
-    k: int = 10
-    dedup: float | None = Field(default=None, description="collapse results within this cosine, e.g. 0.94")
-
-
-class AddIn(ImagesIn):
-    captions: list[str] | None = None
-
-
-def _body_doc(model: type[BaseModel], fields: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI for an endpoint that reads JSON (`model`) or multipart (`fields`) itself."""
-    multipart = {"type": "object", "properties": fields}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": model.model_json_schema()},
-                "multipart/form-data": {"schema": multipart},
-            },
-        }
-    }
-
-
-FILES = {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+OPEN_PATHS = ("/", "/v1/health", "/openapi.json", "/static/")  # no key needed (no data in them)
 
 
 class Guard:
@@ -169,83 +138,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
         detail = str(exc.detail)
         if exc.status_code == 404 and not isinstance(exc, ApiError):
-            detail = f"no endpoint {request.method} {request.url.path}: see /docs"
+            detail = f"no endpoint {request.method} {request.url.path}: see /openapi.json"
         elif exc.status_code == 405 and not isinstance(exc, ApiError):
-            detail = f"{request.method} is not allowed on {request.url.path}: see /docs"
+            detail = f"{request.method} is not allowed on {request.url.path}: see /openapi.json"
         return error_response(exc.status_code, code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, "invalid_request", _validation_message(exc))
-
-
-async def read_upload_request(
-    request: Request, service: Service
-) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
-    """(uploads as (name, bytes), the other fields) from a multipart or JSON body. Multipart fields are
-    lists of strings (a repeated field repeats); JSON fields are as sent."""
-    ctype = request.headers.get("content-type", "").lower()
-    if ctype.startswith("multipart/form-data"):
-        cfg = service.cfg
-        try:
-            form = await request.form(max_files=cfg.max_items, max_fields=cfg.max_labels + 16)
-            uploads, fields = [], {}
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    uploads.append((value.filename or key, await value.read()))
-                else:
-                    fields.setdefault(key, []).append(value)
-        except ApiError:
-            raise
-        except Exception as e:  # truncated or malformed multipart: the parser's words
-            detail = getattr(e, "detail", None) or str(e) or type(e).__name__
-            raise ApiError(400, "bad_multipart", f"cannot read the multipart body: {detail}") from None
-        return uploads, fields
-    if ctype.startswith("application/json"):
-        body = await read_json(request)
-        images = body.get("images", [])
-        if isinstance(body.get("image"), str):
-            images = [body["image"]]
-        if not isinstance(images, list):
-            raise ApiError(422, "invalid_request", "images: give a list of base64 strings")
-        if len(images) > service.cfg.max_items:
-            raise ApiError(
-                413, "too_many", f"{len(images)} images, above the limit of {service.cfg.max_items}"
-            )
-        return [(f"images[{i}]", decode_base64(v, f"images[{i}]")) for i, v in enumerate(images)], body
-    raise ApiError(
-        415,
-        "unsupported_media_type",
-        f"content type {ctype or '(none)'} is not accepted here: send multipart/form-data with files or "
-        "application/json with base64 images",
-    )
-
-
-async def read_json(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from None
-    except RecursionError:  # e.g. 100,000 nested brackets: json's decoder recurses per level
-        raise ApiError(400, "bad_json", "the body is not usable JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid_request", "the body must be a JSON object")
-    return body
-
-
-def _one(fields: dict[str, Any], name: str, default: Any = None) -> Any:
-    """A scalar field: multipart sends every field as a list of strings, JSON as it is."""
-    value = fields.get(name, default)
-    return value[0] if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) else value
-
-
-def _int(value: Any, name: str) -> int:
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ApiError(422, f"bad_{name}", f"{name} must be an integer, got {value!r}") from None
-    return value
 
 
 def create_app(service: Service) -> FastAPI:
@@ -265,6 +165,8 @@ def create_app(service: Service) -> FastAPI:
         version=__version__,
         description="Embed, classify and search with a CLIP model. Errors: {error, detail}, a 4xx status.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc fetch their assets from cdn.jsdelivr.net
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(Guard, service=service)
@@ -298,13 +200,16 @@ def create_app(service: Service) -> FastAPI:
         """Prometheus text format: requests, latency, batch sizes, forwards, queue depth, index size."""
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/embed/text")
-    async def embed_text(body: TextsIn) -> dict[str, Any]:
+    @app.post("/v1/embed/text", openapi_extra=json_body_doc(TextsIn))
+    async def embed_text(request: Request) -> dict[str, Any]:
         """Unit-norm text embeddings, one row per text."""
-        vecs = await bounded(service.embed_texts(body.texts))
+        texts = (await read_json_request(request)).get("texts")  # read here: bad JSON gets bad_json
+        if not isinstance(texts, list):
+            raise ApiError(422, "invalid_request", "texts: give a list of strings")
+        vecs = await bounded(service.embed_texts(texts))
         return {"embeddings": vecs.tolist(), "dim": int(vecs.shape[1]), "model": service.encoder.fingerprint}
 
-    @app.post("/v1/embed/image", openapi_extra=_body_doc(ImagesIn, FILES))
+    @app.post("/v1/embed/image", openapi_extra=body_doc(ImagesIn, FILES))
     async def embed_image(request: Request) -> dict[str, Any]:
         """Unit-norm image embeddings, one row per uploaded image (multipart files or base64 JSON)."""
         uploads, _ = await read_upload_request(request, service)
@@ -318,7 +223,7 @@ def create_app(service: Service) -> FastAPI:
         "top_k": {"type": "integer"},
     }
 
-    @app.post("/v1/classify", openapi_extra=_body_doc(ClassifyIn, classify_fields))
+    @app.post("/v1/classify", openapi_extra=body_doc(ClassifyIn, classify_fields))
     async def classify(request: Request) -> dict[str, Any]:
         """Zero-shot label probabilities per image (labels embedded once and cached; templates averaged)."""
         uploads, fields = await read_upload_request(request, service)
@@ -328,7 +233,7 @@ def create_app(service: Service) -> FastAPI:
         templates = fields.get("templates") or ["{}"]
         if not isinstance(templates, list):  # a bare string would be read one character at a time
             raise ApiError(422, "bad_template", 'templates: give a list of strings, e.g. ["a photo of {}."]')
-        top_k = _int(_one(fields, "top_k", 5), "top_k")
+        top_k = int_field(fields, "top_k", 5)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise ApiError(422, "bad_top_k", "top_k must be a positive integer")
         results = await bounded(service.classify(uploads, labels, templates, top_k))
@@ -336,7 +241,7 @@ def create_app(service: Service) -> FastAPI:
 
     search_fields = {"file": {"type": "string", "format": "binary"}, "k": {"type": "integer"}}
 
-    @app.post("/v1/search", openapi_extra=_body_doc(SearchIn, search_fields))
+    @app.post("/v1/search", openapi_extra=body_doc(SearchIn, search_fields))
     async def search(request: Request) -> dict[str, Any]:
         """Nearest indexed rows to a text, an image (base64 or multipart), a row id or a vector."""
         ctype = request.headers.get("content-type", "").lower()
@@ -356,15 +261,10 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(
                 415, "unsupported_media_type", f"content type {ctype or '(none)'}: send application/json"
             )
-        k = service.check_k(_int(_one(fields, "k", 10), "k"))
-        dedup = _one(fields, "dedup")
-        if dedup is not None:
-            try:
-                dedup = float(dedup)
-            except (TypeError, ValueError):
-                dedup = -1.0
-            if not 0.5 <= dedup <= 1.0:
-                raise ApiError(422, "bad_dedup", "dedup must be a cosine from 0.5 to 1")
+        k = service.check_k(int_field(fields, "k", 10))
+        dedup = float_field(fields, "dedup")
+        if dedup is not None and not 0.5 <= dedup <= 1.0:
+            raise ApiError(422, "bad_dedup", "dedup must be a cosine from 0.5 to 1")
 
         async def run() -> dict[str, Any]:
             start = time.perf_counter()
@@ -392,7 +292,7 @@ def create_app(service: Service) -> FastAPI:
 
     add_fields = {**FILES, "captions": {"type": "array", "items": {"type": "string"}}}
 
-    @app.post("/v1/index/add", openapi_extra=_body_doc(AddIn, add_fields))
+    @app.post("/v1/index/add", openapi_extra=body_doc(AddIn, add_fields))
     async def index_add(request: Request) -> dict[str, Any]:
         """Embed images and add them to the served index (a new part; the index grows in place)."""
         uploads, fields = await read_upload_request(request, service)

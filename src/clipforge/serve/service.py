@@ -233,7 +233,9 @@ class Service:
 
     def vector_of(self, row_id: Any) -> np.ndarray:
         s = self._need_index()
-        if isinstance(row_id, bool) or not isinstance(row_id, int) or not 0 <= row_id < s.store.count:
+        if isinstance(row_id, bool) or not isinstance(row_id, int):  # 1.0, "4", true: a type error, not a row
+            raise ApiError(422, "bad_id", f"id must be an integer row id, got {row_id!r}")
+        if not 0 <= row_id < s.store.count:
             raise ApiError(
                 404, "unknown_id", f"no row {row_id!r} in the index (ids are 0..{s.store.count - 1})"
             )

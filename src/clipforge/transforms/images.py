@@ -8,6 +8,7 @@ Every failure is an `ImageLoadError` naming the file (a missing path is FileNotF
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import IO, Any
@@ -70,6 +71,20 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> 
     return img.convert("RGB")
 
 
+def _bomb_message(name: str, pil_message: str, max_pixels: int | None) -> str:
+    """PIL refuses past 2 x Image.MAX_IMAGE_PIXELS before the header check below can run: say which limit
+    applies, ours when it is the lower one (PIL's message quotes only its own)."""
+    pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    found = re.search(r"\((\d+) pixels\)", pil_message)
+    size = f"{found.group(1)} pixels" if found else f"more than {pil_limit} pixels"
+    if max_pixels is not None and max_pixels < pil_limit:
+        return f"image {name} is {size}, above max_pixels={max_pixels} (possible decompression bomb)"
+    return (
+        f"image {name} is {size}, above PIL's limit of {pil_limit} pixels (2 x Image.MAX_IMAGE_PIXELS; "
+        "possible decompression bomb)"
+    )
+
+
 def open_image(
     source: str | os.PathLike | IO[bytes],
     *,
@@ -91,7 +106,7 @@ def open_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(source)
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"{name}: {e} (PIL's Image.MAX_IMAGE_PIXELS limit)") from e
+        raise ImageLoadError(_bomb_message(name, str(e), max_pixels)) from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"cannot identify image file {name}: not an image or unsupported format") from e
     except Exception as e:

@@ -15,8 +15,9 @@ preprocess while the main process runs the model.
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,22 @@ def _modalities(modality: str) -> list[str]:
     return ["image", "text"] if modality == "both" else [modality]
 
 
+def local_absolute(path: str | None) -> str | None:
+    """An existing local file or directory as an absolute path (not resolving symlinks, as the user named
+    it); anything else (a preset name, a shard pattern, None) as it is. The manifest records the model
+    and data this way, so that an embedding directory works from any working directory."""
+    if path is None or not os.path.exists(path):
+        return path
+    return os.path.abspath(path)
+
+
 def _new_manifest(enc: Encoder, data: str, kind: str, modality: str, opts: EmbedOptions) -> dict[str, Any]:
+    model = enc.describe()
+    model["source"] = local_absolute(model["source"])  # `search` / `serve` open it from anywhere
     return {
         "format": FORMAT,
         "version": 1,
-        "model": enc.describe(),
+        "model": model,
         "preprocess": enc.preprocess_config.to_dict(),
         "dim": enc.embed_dim,
         "dtype": opts.dtype,
@@ -93,7 +105,7 @@ def _new_manifest(enc: Encoder, data: str, kind: str, modality: str, opts: Embed
         "normalized": True,
         "modality": modality,
         "modalities": _modalities(modality),
-        "data": {"source": data, "kind": kind},
+        "data": {"source": local_absolute(data), "kind": kind},
         "parts": [],
         "count": 0,
         "skipped": {},
@@ -198,7 +210,13 @@ def _loader(data: str, kind: str, modality: str, enc: Encoder, opts: EmbedOption
             if images:
                 raise ValueError(f"{data} is a captions file: it has only texts (use modality 'text')")
             items = caption_items(data)
-        todo = [it for it in items if it.key not in done]
+        # absolute file paths in the metadata: thumbnails and `search` work from any working directory
+        # (abspath reads no file system: a missing file is still skipped, named by its key)
+        todo = [
+            replace(it, path=os.path.abspath(it.path) if it.path else None)
+            for it in items
+            if it.key not in done
+        ]
         ds, total = ItemImages(todo, transform, images=images, draft_side=draft_side), len(todo)
     workers = opts.workers if images else 0  # texts are read in the main process (nothing to decode)
     loader = DataLoader(

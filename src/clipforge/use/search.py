@@ -11,6 +11,7 @@ walking the hits best first, one whose cosine to a hit already kept is >= the th
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Searcher:
             )
         self.info = json.loads(info_path.read_text(encoding="utf-8"))
         self.index = faiss.read_index(str(index_path))
+        self._warn_if_stale()
         self._deleted = read_deleted(self.dir, modality)
         self.deleted = set(self._deleted.tolist())
         tuned = self.info.get("search", {})
@@ -73,6 +75,25 @@ class Searcher:
             )
         self._encoder = encoder
         self._meta = None
+
+    def _warn_if_stale(self) -> None:
+        """Say so when parts were embedded after the index was built (`embed --append` without `index`):
+        their rows are in the store but not in the index, and searches would miss them silently. A
+        warning, not a rebuild: searching writes nothing (the directory may be read-only or grown by
+        another process at the same time), and growing may retune the index, which takes a while."""
+        indexed = set(self.info["parts"])
+        missing = [p for p in self.store.parts if p["name"] not in indexed]
+        rows = sum(p["rows"] for p in missing)
+        if not rows:
+            return
+        names = ", ".join(p["name"] for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        flag = "" if self.modality == "image" else f" --modality {self.modality}"
+        warnings.warn(
+            f"{self.dir}: the {self.modality} index covers {self.store.count - rows} of the "
+            f"{self.store.count} stored rows; searches miss the other {rows} (in {names}, embedded "
+            f"after the index was built): run `clipforge index {self.dir}{flag}`",
+            stacklevel=3,
+        )
 
     @property
     def encoder(self) -> Encoder:
