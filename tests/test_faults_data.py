@@ -308,3 +308,39 @@ def test_truncated_or_garbage_safetensors_are_one_line_errors_naming_the_file(tm
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(path) in err
+
+
+# ------------------------------------------------------------------------------------------ unreadable data
+def _unreadable_manifest(root: Path) -> Path:
+    root.mkdir()
+    (root / "bad.jpg").write_bytes(b"not an image")
+    (root / "m.csv").write_text("image,caption\nbad.jpg,a red circle\nnope1.jpg,b\nnope2.jpg,c\n")
+    return root / "m.csv"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_manifest_whose_every_image_is_unreadable_is_one_line_with_the_reason_counts(
+    tmp_path, capsys, workers
+):
+    from clipforge.data import ManifestPairs, UnreadableDataError
+
+    manifest = _unreadable_manifest(tmp_path / "data")
+    loader = DataLoader(ManifestPairs(manifest), batch_size=2, num_workers=workers, collate_fn=lambda b: b)
+    with pytest.raises(UnreadableDataError) as info:  # still a RuntimeError: the library contract holds
+        next(iter(loader))
+    assert isinstance(info.value, RuntimeError)  # a worker's arrives as the same class, in torch's text
+    reason = info.value.reason
+    assert "\n" not in reason and reason.startswith(f"all 3 images of {manifest} failed to load")
+    assert "corrupt_image 1" in reason and "missing_image 2" in reason
+    # `clipforge train` ended in a traceback ('65 consecutive samples ... failed to load'), with workers
+    # a multi-line 'Caught RuntimeError in DataLoader worker process 0' one
+    argv = ["train", "--no-progress", "data.kind=manifest", f"data.train={manifest}", "model.preset=tiny-vit",
+            "model.tokenizer=openai", "model.context_length=16", "train.batch_size=2", "train.steps=2",
+            f"data.workers={workers}", "run.tensorboard=false",
+            f"run.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Caught" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"clipforge train: error: all 3 images of {manifest} failed to load: ")
+    assert "corrupt_image 1" in line and "missing_image 2" in line
