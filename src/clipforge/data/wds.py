@@ -193,13 +193,14 @@ def decode_sample(
     return image, captions
 
 
-def shard_captions(urls: list[str], caption_key: str = "caption") -> list[str]:
+def shard_captions(urls: list[str], caption_key: str = "caption", *, progress: bool = True) -> list[str]:
     """Every caption in the shards, without decoding any image: the corpus for a BPE vocabulary.
-    Unreadable shards and samples are passed over here (the training stream counts them)."""
+    Unreadable shards and samples are passed over here (the training stream counts them). A progress
+    bar from 8 shards on, unless `progress` is False."""
     out: list[str] = []
     for sample in tqdm(
         iter_samples(urls, handler=lambda exn: True), desc="reading shard captions", leave=False,
-        disable=len(urls) < 8,
+        disable=not progress or len(urls) < 8,
     ):  # fmt: skip
         captions = sample_captions(sample, caption_key)
         if not isinstance(captions, Skipped):
