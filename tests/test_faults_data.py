@@ -67,6 +67,23 @@ def test_a_shard_cut_in_a_header_counts_the_samples_it_lost(tmp_path):
     assert "000001.tar:000000004." in ds.skips.examples()["corrupt_shard"][0]
 
 
+def test_the_sample_a_cut_goes_through_is_counted_with_the_cut_not_as_no_caption(tmp_path):
+    out = _shards(tmp_path / "s")
+    tar = out / "000001.tar"
+    with tarfile.open(tar) as t:
+        txt = t.getmembers()[4]  # the 2nd sample's caption: its image arrives, its caption does not
+    assert txt.name.endswith(".txt")
+    tar.write_bytes(tar.read_bytes()[: txt.offset_data + 10])
+    ds = WebDatasetPairs(out, shuffle_buffer=0, shuffle_shards=False)
+    # was {'no_caption': 1, 'lost_in_shard': 2}: the half sample passed for one without a caption
+    assert len(list(ds)) == 9 and ds.skips.counts() == {"lost_in_shard": 3}
+    assert "read 1 of the 4" in ds.skips.examples()["lost_in_shard"][0]
+    (out / "sizes.json").unlink()
+    ds = WebDatasetPairs(out, shuffle_buffer=0, shuffle_shards=False)
+    assert len(list(ds)) == 9 and ds.skips.counts() == {"corrupt_shard": 1}
+    assert f"sample {txt.name.split('.')[0]} cut short" in ds.skips.examples()["corrupt_shard"][0]
+
+
 def test_one_corrupt_shard_does_not_stop_reading_with_workers_and_counts_reach_the_main_process(tmp_path):
     out = _shards(tmp_path / "s")
     (out / "000001.tar").write_bytes(b"not a tar" * 100)
