@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..config import get_config
 from ..data.sources import Source
 from ..models import create_model
+from ..models.hf_text import is_hf_text_dir
 from ..transforms import PreprocessConfig
 from .dist import barrier, is_main
 from .experiment import Experiment
@@ -167,11 +168,32 @@ def build_tokenizer_and_model(
     if exp.model.lit is None:
         tokenizer = build_tokenizer(exp, captions, ckpt_tok, ctx, resume, progress)
         return tokenizer, build_model(exp, tokenizer, ckpt_model)
-    tokenizer = None if exp.model.text_tower else build_tokenizer(exp, captions, None, ctx, resume, progress)
+    tokenizer = None
+    if lit_text_tokenizer_given(exp):
+        tokenizer = build_tokenizer(exp, captions, None, ctx, resume, progress)
     model, tokenizer = build_lit(exp, tokenizer, image_source)
     if is_main():
         print(f"LiT {exp.model.lit}: {lit_summary(model)}")
     return tokenizer, model
+
+
+def lit_text_tokenizer_given(exp: Experiment) -> bool:
+    """Whether model.tokenizer picks the LiT text tower's tokenizer: always for a tower from scratch; for
+    a checkpoint tower when set explicitly (instead of its own, which it may lack); never for a HF tower
+    (its tokenizer is part of it)."""
+    m = exp.model
+    if m.text_tower is None:
+        return True
+    if m.tokenizer in ("auto", "checkpoint") or is_hf_text_dir(m.text_tower):
+        return False
+    from ..lit.locking import LiTPolicy
+
+    if m.tokenizer == "bpe" and LiTPolicy.parse(m.lit).text.pretrained:
+        raise ValueError(
+            f"model.tokenizer=bpe learns a new vocabulary, whose ids the pretrained text tower "
+            f"{m.text_tower} never saw; use the tokenizer it was trained with (a directory or 'openai')"
+        )
+    return True
 
 
 def lit_summary(model: torch.nn.Module) -> str:
