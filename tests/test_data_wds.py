@@ -177,3 +177,27 @@ def test_parse_size():
     assert parse_size(4096) == 4096
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("lots")
+
+
+def test_no_progress_silences_every_bar_of_a_run_on_shards(tmp_path, monkeypatch):
+    import tqdm
+
+    from clipforge.cli import main
+
+    write_shards(make_pairs(CFG, 16), tmp_path / "s", max_count=2, progress=False)  # 8 shards: a captions bar
+    bars = []
+    init = tqdm.std.tqdm.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        bars.append((kwargs.get("desc"), self.disable))
+
+    monkeypatch.setattr(tqdm.std.tqdm, "__init__", record)
+    argv = ["train", "--no-progress", "data.kind=webdataset", f"data.train={tmp_path / 's'}",
+            "model.preset=tiny-vit", "model.tokenizer=bpe", "model.vocab_size=520", "model.context_length=16",
+            "train.batch_size=4", "train.steps=1", "run.tensorboard=false", "run.eval_every=0",
+            f"run.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(argv) == 0
+    # the BPE corpus was read through a bar that --no-progress left on
+    assert "reading shard captions" in [desc for desc, _ in bars]
+    assert [desc for desc, disabled in bars if not disabled] == []

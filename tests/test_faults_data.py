@@ -67,6 +67,23 @@ def test_a_shard_cut_in_a_header_counts_the_samples_it_lost(tmp_path):
     assert "000001.tar:000000004." in ds.skips.examples()["corrupt_shard"][0]
 
 
+def test_the_sample_a_cut_goes_through_is_counted_with_the_cut_not_as_no_caption(tmp_path):
+    out = _shards(tmp_path / "s")
+    tar = out / "000001.tar"
+    with tarfile.open(tar) as t:
+        txt = t.getmembers()[4]  # the 2nd sample's caption: its image arrives, its caption does not
+    assert txt.name.endswith(".txt")
+    tar.write_bytes(tar.read_bytes()[: txt.offset_data + 10])
+    ds = WebDatasetPairs(out, shuffle_buffer=0, shuffle_shards=False)
+    # was {'no_caption': 1, 'lost_in_shard': 2}: the half sample passed for one without a caption
+    assert len(list(ds)) == 9 and ds.skips.counts() == {"lost_in_shard": 3}
+    assert "read 1 of the 4" in ds.skips.examples()["lost_in_shard"][0]
+    (out / "sizes.json").unlink()
+    ds = WebDatasetPairs(out, shuffle_buffer=0, shuffle_shards=False)
+    assert len(list(ds)) == 9 and ds.skips.counts() == {"corrupt_shard": 1}
+    assert f"sample {txt.name.split('.')[0]} cut short" in ds.skips.examples()["corrupt_shard"][0]
+
+
 def test_one_corrupt_shard_does_not_stop_reading_with_workers_and_counts_reach_the_main_process(tmp_path):
     out = _shards(tmp_path / "s")
     (out / "000001.tar").write_bytes(b"not a tar" * 100)
@@ -326,3 +343,39 @@ def test_truncated_or_garbage_safetensors_are_one_line_errors_naming_the_file(tm
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(path) in err
+
+
+# ------------------------------------------------------------------------------------------ unreadable data
+def _unreadable_manifest(root: Path) -> Path:
+    root.mkdir()
+    (root / "bad.jpg").write_bytes(b"not an image")
+    (root / "m.csv").write_text("image,caption\nbad.jpg,a red circle\nnope1.jpg,b\nnope2.jpg,c\n")
+    return root / "m.csv"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_manifest_whose_every_image_is_unreadable_is_one_line_with_the_reason_counts(
+    tmp_path, capsys, workers
+):
+    from clipforge.data import ManifestPairs, UnreadableDataError
+
+    manifest = _unreadable_manifest(tmp_path / "data")
+    loader = DataLoader(ManifestPairs(manifest), batch_size=2, num_workers=workers, collate_fn=lambda b: b)
+    with pytest.raises(UnreadableDataError) as info:  # still a RuntimeError: the library contract holds
+        next(iter(loader))
+    assert isinstance(info.value, RuntimeError)  # a worker's arrives as the same class, in torch's text
+    reason = info.value.reason
+    assert "\n" not in reason and reason.startswith(f"all 3 images of {manifest} failed to load")
+    assert "corrupt_image 1" in reason and "missing_image 2" in reason
+    # `clipforge train` ended in a traceback ('65 consecutive samples ... failed to load'), with workers
+    # a multi-line 'Caught RuntimeError in DataLoader worker process 0' one
+    argv = ["train", "--no-progress", "data.kind=manifest", f"data.train={manifest}", "model.preset=tiny-vit",
+            "model.tokenizer=openai", "model.context_length=16", "train.batch_size=2", "train.steps=2",
+            f"data.workers={workers}", "run.tensorboard=false",
+            f"run.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Caught" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"clipforge train: error: all 3 images of {manifest} failed to load: ")
+    assert "corrupt_image 1" in line and "missing_image 2" in line

@@ -210,18 +210,41 @@ def test_resume_refuses_another_image_tower(tmp_path, tower_dir, monkeypatch, ca
     assert "cannot resume" in err and "the weights of model.image_tower are not the run's" in err
 
 
-def test_text_tower_checkpoint_without_tokenizer_says_what_to_use(tmp_path, capsys):
+def test_text_tower_checkpoint_without_tokenizer_says_what_to_use(tmp_path, capsys, monkeypatch):
     from clipforge import create_model
     from clipforge.config import get_config
+    from clipforge.data import ShapesConfig, make_captions
+    from clipforge.tokenizer import Tokenizer, train_bpe
 
+    monkeypatch.setattr(build_mod, "build_evaluators", lambda *a: {})
+    tok = train_bpe(make_captions(ShapesConfig(seed=0), 64), 600, 16)
+    tok.save(tmp_path / "tok")
+    vocab = tok.vocab_size
     cfg = get_config("tiny-vit")
-    model = create_model(cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=600, context_length=16)))
+    model = create_model(cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab, context_length=16)))
     ckpt = clipforge.save_pretrained(model, tmp_path / "weights")  # no tokenizer files
-    out = tmp_path / "run"
     argv = ["model.lit=LU", f"model.image_tower={ckpt}", f"model.text_tower={ckpt}", "train.batch_size=8",
-            "data.synthetic_train=16", "train.steps=1", f"run.output_dir={out}"]  # fmt: skip
-    assert main(["train", "--no-progress", *argv]) == 1
+            "data.synthetic_train=16", "train.steps=1", "run.tensorboard=false"]  # fmt: skip
+    assert main(["train", "--no-progress", *argv, f"run.output_dir={tmp_path / 'run0'}"]) == 1
     err = capsys.readouterr().err
     # it said "the checkpoint carries no tokenizer; pass tokenizer=", an argument the command line has not
-    assert f"text tower {ckpt}: the checkpoint carries no tokenizer for its 600-token vocabulary" in err
-    assert "a run's model/" in err and "Traceback" not in err
+    assert f"text tower {ckpt}: the checkpoint carries no tokenizer for its {vocab}-token vocabulary" in err
+    assert "a run's model/" in err and "model.tokenizer=<directory>" in err and "Traceback" not in err
+    # and model.tokenizer, the way to name it, was ignored for a checkpoint text tower: now it is used
+    assert main(["train", "--no-progress", *argv, f"model.tokenizer={tmp_path / 'tok'}",
+                 f"run.output_dir={tmp_path / 'run1'}"]) == 0  # fmt: skip
+    _, _, saved = clipforge.load(tmp_path / "run1" / "model")
+    text = "a red circle on a blue background"
+    assert torch.equal(saved([text]), Tokenizer.load(tmp_path / "tok")([text]))
+    # a tokenizer of another vocabulary is refused, naming both sizes; a new BPE too (its ids mean nothing
+    # to the pretrained tower)
+    assert main(["train", "--no-progress", *argv, "model.tokenizer=openai",
+                 f"run.output_dir={tmp_path / 'run2'}"]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"clipforge train: error: the tokenizer has 49408 tokens but the text tower of {ckpt} embeds "
+        f"{vocab}; use the tokenizer the tower was trained with"
+    )
+    assert main(["train", "--no-progress", *argv, "model.tokenizer=bpe",
+                 f"run.output_dir={tmp_path / 'run3'}"]) == 1  # fmt: skip
+    assert "model.tokenizer=bpe learns a new vocabulary" in capsys.readouterr().err

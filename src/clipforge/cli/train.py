@@ -7,6 +7,7 @@ data.kind: synthetic (no files), manifest (CSV/TSV/JSONL), folder (images + side
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(exp, args: argparse.Namespace) -> int:
+    from ..data import UnreadableDataError
     from ..train.build import run_experiment
     from ..train.dist import is_main
     from ..train.trainer import NonFiniteLossError, TrainingInterrupted
@@ -42,6 +44,9 @@ def _train(exp, args: argparse.Namespace) -> int:
         return 130
     except NonFiniteLossError as e:
         print(f"clipforge train: error: {e}")
+        return 1
+    except UnreadableDataError as e:  # also when raised in a DataLoader worker (then torch wraps its message)
+        print(f"clipforge train: error: {e.reason}", file=sys.stderr)
         return 1
     out = exp.run.output_dir
     if not is_main():  # torchrun: the other ranks stay quiet

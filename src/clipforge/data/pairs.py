@@ -232,6 +232,22 @@ def read_folder(
 
 
 # ------------------------------------------------------------------------------------------ datasets
+class UnreadableDataError(RuntimeError):
+    """Every sample tried in a row failed to load: the source's images (or their root) are unreadable.
+
+    A RuntimeError, as before it had a class of its own. A DataLoader worker's exception reaches the
+    main process as this class again, its message wrapped in torch's "Caught ... in DataLoader worker
+    process N. Original Traceback ..."; `reason` is the one-line message either way.
+    """
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+        # torch's wrapper ends with the worker's traceback, whose last line is "<module>.<Class>: <message>"
+        marker = f"{type(self).__name__}: "
+        last = msg.rstrip().splitlines()[-1] if msg.strip() else msg
+        self.reason = last.split(marker, 1)[1] if "Original Traceback" in msg and marker in last else msg
+
+
 def collate_pairs(batch: Sequence[Any], skips: SkipCounter | None = None) -> dict[str, Any] | None:
     """Stack a list of items into a batch, dropping `Skipped` sentinels (counted into `skips`).
     Returns None when every item was skipped."""
@@ -304,6 +320,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         n = len(self.records)
+        failed: dict[str, list[str]] = {}  # reason -> details of the distinct records tried
         for attempt in range(self.max_retries + 1):
             j = (index + attempt) % n
             got = self.load(j)
@@ -315,10 +332,12 @@ class PairDataset(Dataset):
                 return got
             if attempt == 0:  # a bad neighbour tried as a replacement is counted when its own index comes up,
                 self.skips.record(got.reason, got.detail)  # so each bad file counts once per epoch
-        raise RuntimeError(
-            f"{self.max_retries + 1} consecutive samples from index {index} of {self.source} failed to load "
-            f"({self.skips.summary()}); is the data readable?"
-        )
+            if attempt < n:
+                failed.setdefault(got.reason, []).append(got.detail)
+        tried = min(self.max_retries + 1, n)
+        what = f"all {n} images" if tried == n else f"{tried} consecutive images from index {index}"
+        counts = ", ".join(f"{r} {len(d)}" + (f" (e.g. {d[0]})" if d[0] else "") for r, d in failed.items())
+        raise UnreadableDataError(f"{what} of {self.source} failed to load: {counts}; is the data readable?")
 
 
 class ManifestPairs(PairDataset):

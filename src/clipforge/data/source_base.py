@@ -63,8 +63,9 @@ class Source:
     kind: ClassVar[str]
     skips: SkipCounter | None = None  # counts bad samples by reason (None: the kind cannot have any)
 
-    def captions(self) -> list[str]:
-        """Every training caption, in sample order (a BPE corpus; the text side of an embedding cache)."""
+    def captions(self, progress: bool = True) -> list[str]:
+        """Every training caption, in sample order (a BPE corpus; the text side of an embedding cache).
+        `progress=False` silences a progress bar where reading them takes one (shards)."""
         raise NotImplementedError
 
     def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:

@@ -83,7 +83,7 @@ class _PairsSource(Source):
         self.pairs, self.path, self.base = pairs, path, base
         self.skips = pairs.skips
 
-    def captions(self) -> list[str]:
+    def captions(self, progress: bool = True) -> list[str]:
         return self.pairs.captions()
 
     def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:
@@ -165,8 +165,8 @@ class WebDatasetSource(Source):
             self.pairs.skips = skips
         self.skips = self.pairs.skips
 
-    def captions(self) -> list[str]:
-        return shard_captions(self.pairs.urls, self.opts.caption_key)
+    def captions(self, progress: bool = True) -> list[str]:
+        return shard_captions(self.pairs.urls, self.opts.caption_key, progress=progress)
 
     def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> IterableDataset:
         self.pairs.tokenizer, self.pairs.context_length = tokenizer, context_length
@@ -234,7 +234,7 @@ class EmbeddingCacheSource(Source):
                 "the cache alone"
             )
 
-    def captions(self) -> list[str]:
+    def captions(self, progress: bool = True) -> list[str]:
         return [c for row in self._captions for c in row]
 
     def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:

@@ -46,7 +46,7 @@ class SyntheticSource(Source):
         }
         self._retrieval = make_tensors(shapes, opts.synthetic_val, "seen_eval")
 
-    def captions(self) -> list[str]:
+    def captions(self, progress: bool = True) -> list[str]:
         return list(self._captions)
 
     def dataset(self, transform: Callable, tokenizer: Callable, context_length: int) -> Dataset:

@@ -11,7 +11,9 @@ A shard cut mid-write is the common fault, and tarfile hides most cuts: a header
 the first ends the archive silently. So every shard is read on its own (`shard_samples`) and checked
 afterwards: a tar error, a missing end-of-archive marker, or fewer samples than `sizes.json` lists. The
 samples it did not deliver are counted (`lost_in_shard`; without a sizes.json entry the shard counts
-once as `corrupt_shard`), naming the shard and the member where reading stopped.
+once as `corrupt_shard`), naming the shard and the member where reading stopped. The last sample before
+the cut, when it lacks its image or caption member, is the one the cut went through: counted with the
+cut, not as a sample without a caption.
 """
 
 from __future__ import annotations
@@ -119,17 +121,27 @@ def _one_shard(url: str, skips: SkipCounter, expected: int | None) -> Iterator[d
         errors.append(exn)
         return True  # go on: the samples before the fault are good, and the next shard may be too
 
-    read = 0
+    read, last = 0, None  # the last sample is held back until it is known whether the cut went through it
     for sample in tarfile_samples([{"url": url}], handler=handler, select_files=seen):
-        read += 1
-        yield sample
+        if last is not None:
+            yield last
+        read, last = read + 1, sample
     why = _error_text(errors[0]) if errors else ("" if tar_is_complete(url) else "no end-of-archive marker")
+    cut_short = bool(why) and last is not None and not _has_image_and_caption(last)
+    if last is not None and not cut_short:
+        yield last
+    read -= int(cut_short)  # a partial sample is lost with the rest, not a sample without a caption
     where = f"{url}:{member[0]}" if member[0] else url
     if expected is not None and read < expected:
         lost = f"{where}: read {read} of the {expected} samples sizes.json lists"
         skips.record("lost_in_shard", lost + (f" ({why})" if why else ""), n=expected - read)
     elif why and expected is None:
-        skips.record("corrupt_shard", f"{where}: {why}; samples after it are lost")
+        partial = f"sample {last['__key__']} cut short, it and " if cut_short else ""
+        skips.record("corrupt_shard", f"{where}: {why}; {partial}the samples after it are lost")
+
+
+def _has_image_and_caption(sample: dict[str, Any]) -> bool:
+    return image_member(sample) is not None and ("txt" in sample or "json" in sample)
 
 
 def sample_captions(sample: dict[str, Any], caption_key: str = "caption") -> list[str] | Skipped:
@@ -193,13 +205,14 @@ def decode_sample(
     return image, captions
 
 
-def shard_captions(urls: list[str], caption_key: str = "caption") -> list[str]:
+def shard_captions(urls: list[str], caption_key: str = "caption", *, progress: bool = True) -> list[str]:
     """Every caption in the shards, without decoding any image: the corpus for a BPE vocabulary.
-    Unreadable shards and samples are passed over here (the training stream counts them)."""
+    Unreadable shards and samples are passed over here (the training stream counts them). A progress
+    bar from 8 shards on, unless `progress` is False."""
     out: list[str] = []
     for sample in tqdm(
         iter_samples(urls, handler=lambda exn: True), desc="reading shard captions", leave=False,
-        disable=len(urls) < 8,
+        disable=not progress or len(urls) < 8,
     ):  # fmt: skip
         captions = sample_captions(sample, caption_key)
         if not isinstance(captions, Skipped):

@@ -74,8 +74,9 @@ def build_lit_model(
 
     image: a source path, or an `ImageTower` already loaded with `load_image_tower`.
     preset: the architecture of towers without a source (and embed_dim when no image source).
-    tokenizer: for a clipforge text tower without a source (its vocabulary sets vocab_size); a text
-    source brings its own. context_length: of the text tower (default: tokenizer's / preset's).
+    tokenizer: for a clipforge text tower without a source (its vocabulary sets vocab_size); for a
+    checkpoint text source it replaces the checkpoint's own and must have the tower's vocabulary size;
+    a HF text source brings its own. context_length: of the text tower (default: tokenizer's / preset's).
     """
     policy = LiTPolicy.parse(policy) if isinstance(policy, str) else policy
     base = get_config(preset)
@@ -126,12 +127,18 @@ def build_lit_model(
                 "(or a HF text encoder, which gets a new projection)"
             )
         text_cfg = clip.config.text
-        tokenizer = tok if tok is not None else tokenizer
+        if tokenizer is not None and tokenizer.vocab_size != text_cfg.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the text tower of {text} embeds "
+                f"{text_cfg.vocab_size}; use the tokenizer the tower was trained with"
+            )
+        tokenizer = tokenizer if tokenizer is not None else tok
         if tokenizer is None:
             raise ValueError(
                 f"text tower {text}: the checkpoint carries no tokenizer for its {text_cfg.vocab_size}-token "
                 "vocabulary; use a directory that holds the model with its tokenizer (a clipforge or HF CLIP "
-                "directory, e.g. a run's model/), or from Python pass tokenizer="
+                "directory, e.g. a run's model/), or name its tokenizer: model.tokenizer=<directory> (from "
+                "Python, tokenizer=)"
             )
         if policy.text.pretrained:
             text_tower = clip.text

@@ -198,7 +198,9 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     image_source = lit_image_source(exp)
     preprocess = input_preprocess(exp, ckpt_preprocess, image_source)
     source = open_data(exp, preprocess.image_size)
-    tokenizer, model = build_tokenizer_and_model(exp, source, (ckpt_model, ckpt_tok), image_source, resume)
+    tokenizer, model = build_tokenizer_and_model(
+        exp, source, (ckpt_model, ckpt_tok), image_source, resume, progress
+    )
     model = model.train()
     identity = tower_identity(exp, model)  # before placement (FSDP2 shards the weights)
     if isinstance(source, EmbeddingCacheSource):

@@ -34,6 +34,7 @@ class ModelSpec:
     # "auto" (the checkpoint's tokenizer with `checkpoint`, else "openai"), "checkpoint", "openai" (the
     # 49408-token OpenAI vocabulary), "bpe" (train a BPE of `vocab_size` ids on the training captions,
     # saved as <output_dir>/tokenizer and reused on --resume) or a directory holding a saved tokenizer.
+    # LiT: a checkpoint text_tower uses its own unless this is set explicitly; a HF text_tower always its own.
     tokenizer: str = "auto"
     vocab_size: int | None = None  # with tokenizer "bpe": its size (default: the preset's)
     context_length: int | None = None  # default: the preset's (the checkpoint's)

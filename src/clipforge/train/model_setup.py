@@ -5,6 +5,7 @@ preprocessing, and the identity of the pretrained towers a resume must keep. Use
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from ..config import get_config
 from ..data.sources import Source
 from ..models import create_model
+from ..models.hf_text import is_hf_text_dir
 from ..transforms import PreprocessConfig
 from .dist import barrier, is_main
 from .experiment import Experiment
@@ -38,6 +40,7 @@ def build_tokenizer(
     checkpoint_tokenizer: Any = None,
     context_length: int | None = None,
     resume: bool = False,
+    progress: bool = True,
 ):
     """The experiment's tokenizer (see ModelSpec.tokenizer). A trained BPE is saved in
     <output_dir>/tokenizer and, with `resume`, loaded from there instead of trained again."""
@@ -69,7 +72,9 @@ def build_tokenizer(
             if not texts:
                 raise ValueError("model.tokenizer=bpe: no training captions to learn the vocabulary from")
             tok = train_bpe(
-                tqdm(texts, desc="training BPE", leave=False, disable=len(texts) < 50_000), size, ctx
+                tqdm(texts, desc="training BPE", leave=False, disable=not progress or len(texts) < 50_000),
+                size,
+                ctx,
             )
             from ..files import atomic_directory
 
@@ -148,20 +153,47 @@ def input_preprocess(exp: Experiment, ckpt_preprocess: Any, image_source: Any) -
 
 
 def build_tokenizer_and_model(
-    exp: Experiment, source: Source, ckpt: tuple[Any, Any], image_source: Any, resume: bool
+    exp: Experiment,
+    source: Source,
+    ckpt: tuple[Any, Any],
+    image_source: Any,
+    resume: bool,
+    progress: bool = True,
 ) -> tuple[Any, torch.nn.Module]:
     """(tokenizer, model): a CLIP from the preset or the starting checkpoint, or a LiT model whose text
-    tower brings its own tokenizer (a scratch one uses model.tokenizer)."""
+    tower brings its own tokenizer (a scratch one uses model.tokenizer). `progress=False`: no bars."""
     ckpt_model, ckpt_tok = ckpt
+    captions = functools.partial(source.captions, progress=progress)  # read only if a BPE is trained
     ctx = (ckpt_model.config if ckpt_model is not None else get_config(exp.model.preset)).text.context_length
     if exp.model.lit is None:
-        tokenizer = build_tokenizer(exp, source.captions, ckpt_tok, ctx, resume)
+        tokenizer = build_tokenizer(exp, captions, ckpt_tok, ctx, resume, progress)
         return tokenizer, build_model(exp, tokenizer, ckpt_model)
-    tokenizer = None if exp.model.text_tower else build_tokenizer(exp, source.captions, None, ctx, resume)
+    tokenizer = None
+    if lit_text_tokenizer_given(exp):
+        tokenizer = build_tokenizer(exp, captions, None, ctx, resume, progress)
     model, tokenizer = build_lit(exp, tokenizer, image_source)
     if is_main():
         print(f"LiT {exp.model.lit}: {lit_summary(model)}")
     return tokenizer, model
+
+
+def lit_text_tokenizer_given(exp: Experiment) -> bool:
+    """Whether model.tokenizer picks the LiT text tower's tokenizer: always for a tower from scratch; for
+    a checkpoint tower when set explicitly (instead of its own, which it may lack); never for a HF tower
+    (its tokenizer is part of it)."""
+    m = exp.model
+    if m.text_tower is None:
+        return True
+    if m.tokenizer in ("auto", "checkpoint") or is_hf_text_dir(m.text_tower):
+        return False
+    from ..lit.locking import LiTPolicy
+
+    if m.tokenizer == "bpe" and LiTPolicy.parse(m.lit).text.pretrained:
+        raise ValueError(
+            f"model.tokenizer=bpe learns a new vocabulary, whose ids the pretrained text tower "
+            f"{m.text_tower} never saw; use the tokenizer it was trained with (a directory or 'openai')"
+        )
+    return True
 
 
 def lit_summary(model: torch.nn.Module) -> str:
