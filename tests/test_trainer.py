@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +160,21 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
         make_trainer(tmp_path / "t", steps=6, step_fn=always_nan, max_nonfinite=3).fit()
+
+
+def test_cli_reports_a_diverged_run_as_one_error_line(tmp_path, monkeypatch, capsys):
+    import clipforge.train.build as build
+    from clipforge.cli import main
+
+    def diverged(exp, **kw):
+        raise NonFiniteLossError("5 consecutive non-finite losses at step 12 (lr too high?)")
+
+    monkeypatch.setattr(build, "run_experiment", diverged)
+    config = Path(__file__).resolve().parents[1] / "examples" / "run_synthetic.yaml"
+    code = main(["train", "--config", str(config), f"run.output_dir={tmp_path / 'r'}"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err == "clipforge train: error: 5 consecutive non-finite losses at step 12 (lr too high?)\n"
 
 
 def test_checkpoints_keep_last_and_are_atomic(tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ def _train(exp, args: argparse.Namespace) -> int:
         print(f"clipforge train: {e}")
         return 130
     except NonFiniteLossError as e:
-        print(f"clipforge train: error: {e}")
+        print(f"clipforge train: error: {e}", file=sys.stderr)
         return 1
     except UnreadableDataError as e:  # also when raised in a DataLoader worker (then torch wraps its message)
         print(f"clipforge train: error: {e.reason}", file=sys.stderr)
