@@ -3,6 +3,7 @@ torch internal (IndexError, AttributeError) or a silently wrong result."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,70 @@ def test_encode_text_takes_int32_ids(vit):
     with torch.inference_mode():
         torch.testing.assert_close(vit.encode_text(ids.int()), vit.encode_text(ids))
     assert vit.encode_text(ids[:0]).shape == (0, vit.config.embed_dim)
+
+
+# ------------------------------------------------------------------ clipforge.use and eval: text and paths
+@pytest.fixture(scope="module")
+def encoder(vit):
+    from clipforge.use import open_encoder
+
+    return open_encoder(vit)
+
+
+def test_encode_texts_takes_one_string_generators_and_arrays(encoder):
+    ref = encoder.encode_texts(["a dog", "a cat"])
+    assert encoder.encode_texts("a dog").shape == (1, ref.shape[1])  # one text, not one per character
+    torch.testing.assert_close(encoder.encode_texts("a dog"), ref[:1])
+    torch.testing.assert_close(encoder.encode_texts(t for t in ["a dog", "a cat"]), ref)
+    torch.testing.assert_close(encoder.encode_texts(np.array(["a dog", "a cat"])), ref)
+
+
+def test_eval_encode_texts_takes_one_string(vit, encoder):
+    from clipforge.eval import encode_texts
+
+    assert encode_texts(vit, encoder.tokenizer, "a dog").shape == (1, vit.config.embed_dim)
+
+
+def test_a_single_string_is_not_a_list_of_labels(vit, encoder):
+    from clipforge.eval import zero_shot_classifier
+    from clipforge.use.classify import Classifier
+
+    with pytest.raises(TypeError, match=r"labels: .*single string 'a cat'"):
+        Classifier(encoder, "a cat")
+    with pytest.raises(TypeError, match=r"classnames: .*single string 'cat'"):
+        zero_shot_classifier(vit, encoder.tokenizer, "cat", ["a photo of a {}."])
+
+
+def test_one_template_string_is_one_template(vit, encoder):
+    from clipforge.eval import zero_shot_classifier
+    from clipforge.use.classify import Classifier
+
+    ref = Classifier(encoder, ["a cat", "a dog"], templates=["a photo of {}."]).weights
+    torch.testing.assert_close(
+        Classifier(encoder, ["a cat", "a dog"], templates="a photo of {}.").weights, ref
+    )
+    w = zero_shot_classifier(vit, encoder.tokenizer, iter(["cat", "dog"]), "a photo of a {}.")
+    torch.testing.assert_close(
+        w, zero_shot_classifier(vit, encoder.tokenizer, ["cat", "dog"], ["a photo of a {}."])
+    )
+
+
+def test_classify_and_score_take_paths_not_images(tmp_path, encoder):
+    from PIL import Image
+
+    from clipforge.use.classify import Classifier, clip_score
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(path)
+    clf = Classifier(encoder, ["a cat", "a dog"])
+    results, skipped = clf.classify(str(path), top_k=1)  # one path: one result, not one per character
+    assert [r["path"] for r in results] == [str(path)] and skipped == []
+    assert clf.classify(p for p in [path])[0][0]["path"] == str(path)
+    scores = clip_score(encoder, (p for p in [path]), "a red square")
+    assert scores["count"] == 1 and scores["pairs"][0]["caption"] == "a red square"
+    with pytest.raises(TypeError, match=r"images\[0\] is a PngImageFile.*encode_pixels"):
+        clf.classify([Image.open(path)])
+    with pytest.raises(TypeError, match=r"images\[0\] is a ndarray"):
+        clip_score(encoder, [np.zeros((4, 4, 3), np.uint8)], ["x"])
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        clf.classify([path], top_k=0)

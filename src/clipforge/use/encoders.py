@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..checkpoints.io import build_model, check_device, preprocess_for, read_checkpoint, tokenizer_for
 from ..config import PRESETS, get_config
 from ..eval.features import model_fingerprint, tokenize
+from ..eval.templates import as_texts
 from ..models.clip import CLIP
 from ..models.hardware import slow_bf16_reason
 from ..tokenizer import Tokenizer
@@ -80,13 +81,16 @@ class Encoder:
         """(N, T) token ids -> (N, D) float32 unit-norm features on CPU."""
         return F.normalize(self._text(tokens).float().cpu(), dim=-1)
 
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+    def tokenize(self, texts: str | Iterable[str]) -> torch.Tensor:
+        """Strings (one str is one text) -> (N, context_length) token ids, truncated to the context."""
         if self.tokenizer is None:
             raise ValueError(f"{self.source}: the model has no tokenizer, so it cannot embed texts")
-        return tokenize(self.tokenizer, list(texts), self.context_length)
+        return tokenize(self.tokenizer, as_texts(texts), self.context_length)
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Strings -> (N, D) float32 unit-norm features (truncated to the context length)."""
+    def encode_texts(self, texts: str | Iterable[str], batch_size: int = 256) -> torch.Tensor:
+        """Strings (any iterable; one str is one text) -> (N, D) float32 unit-norm features (truncated to
+        the context length)."""
+        texts = as_texts(texts)
         if not texts:
             return torch.zeros(0, self.embed_dim)
         out = [
