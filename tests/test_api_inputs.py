@@ -131,3 +131,30 @@ def test_classify_and_score_take_paths_not_images(tmp_path, encoder):
         clip_score(encoder, [np.zeros((4, 4, 3), np.uint8)], ["x"])
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         clf.classify([path], top_k=0)
+
+
+# ------------------------------------------------------------------ the caller's model is left as it was
+def test_open_encoder_leaves_the_callers_model_in_its_mode():
+    from clipforge.use import open_encoder
+
+    torch.manual_seed(0)
+    model = create_model("tiny-rn").train()
+    model.visual.layer1.eval()  # a locked part (LiT) stays in eval mode while the rest trains
+    s = model.config.vision.image_size
+    x = torch.randn(2, 3, s, s)
+    enc = open_encoder(model)
+    feats = enc.encode_pixels(x)
+    assert model.training and not model.visual.layer1.training
+    assert model.visual.bn1.training and not enc.encode_pixels(x).requires_grad
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.eval().encode_image(x), dim=-1)  # BatchNorm statistics
+    torch.testing.assert_close(feats, ref)
+
+
+def test_export_onnx_leaves_the_callers_model_where_it_was(tmp_path):
+    pytest.importorskip("onnx")
+    from clipforge.use.onnx_export import export_onnx
+
+    model = create_model("tiny-vit").train().to(torch.float64)
+    export_onnx(model, tmp_path / "onnx")
+    assert model.training and model.logit_scale.dtype == torch.float64
