@@ -158,3 +158,15 @@ def test_export_onnx_leaves_the_callers_model_where_it_was(tmp_path):
     model = create_model("tiny-vit").train().to(torch.float64)
     export_onnx(model, tmp_path / "onnx")
     assert model.training and model.logit_scale.dtype == torch.float64
+
+
+def test_linear_probe_takes_numpy_features():
+    from clipforge.eval import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    x = torch.randn(40, 8, generator=g) + 3 * torch.nn.functional.one_hot(y, 8).float()
+    ref = linear_probe(x, y, x, y, lam=1e-3)
+    res = linear_probe(x.numpy(), y.numpy(), x.numpy(), y.numpy(), lam=1e-3)
+    torch.testing.assert_close(res.weight, ref.weight)
+    assert res.metrics == ref.metrics
