@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..files import atomic_file
+from .templates import as_texts
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -110,7 +111,10 @@ def encode_texts(
     progress: bool = False,
     desc: str = "text features",
 ) -> torch.Tensor:
-    """(M, D) float32 text features on CPU; `texts` are strings or already-tokenized ids (M, T)."""
+    """(M, D) float32 text features on CPU; `texts` are strings (any iterable; one str is one text) or
+    already-tokenized ids (M, T)."""
+    if not isinstance(texts, torch.Tensor):
+        texts = as_texts(texts)
     device = torch.device(device) if device is not None else model_device(model)
     ctx = getattr(getattr(getattr(model, "config", None), "text", None), "context_length", None)
     was_training = model.training

@@ -47,6 +47,7 @@ def fit_logistic(
     `sample_weight` (L, N): per-block weights of the samples in the mean CE (0 drops a sample from a
     block: k-fold cross-validation as one batched problem).
     """
+    x, y = torch.as_tensor(x), torch.as_tensor(y)  # (numpy arrays: their `.device` is the string "cpu")
     device = torch.device(device) if device is not None else x.device
     dtype = dtype or default_dtype(device)
     x = x.to(device, dtype)
@@ -201,7 +202,10 @@ def linear_probe(
 ) -> LinearProbeResult:
     """The paper's protocol: sweep lambda on a validation split of train, refit on all of train, test.
 
-    A fixed `lam` skips the sweep."""
+    A fixed `lam` skips the sweep. Features and labels: tensors, numpy arrays or lists."""
+    train_features = torch.as_tensor(train_features)
+    if test_features is not None:
+        test_features = torch.as_tensor(test_features)
     y = torch.as_tensor(train_labels).long()
     c = (
         num_classes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 # Our own generic set (in the spirit of the CLIP paper's prompt ensembles, not copied from a dataset list).
@@ -30,6 +30,22 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 SIMPLE_TEMPLATES: tuple[str, ...] = ("a photo of a {c}.",)
 BUILTIN = {"default": DEFAULT_TEMPLATES, "simple": SIMPLE_TEMPLATES}
+
+
+def as_texts(texts: str | Iterable[str], what: str = "texts", single: bool = True) -> list[str]:
+    """`texts` as a list of str, from any iterable of strings (list, tuple, generator, numpy array).
+
+    One str is one text when `single` (as the tokenizer takes it); otherwise it is refused: iterating it
+    would silently give one entry per character (class names "c", "a", "t")."""
+    if isinstance(texts, str):
+        if single:
+            return [texts]
+        raise TypeError(f"{what}: expected a list of strings, got the single string {texts!r}: [{texts!r}]")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a str")
+    return out
 
 
 def format_template(template: str, classname: str) -> str:

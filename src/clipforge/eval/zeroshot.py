@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import encode_images, encode_texts
-from .templates import format_template
+from .templates import as_texts, format_template
 
 
 @torch.no_grad()
@@ -27,6 +27,8 @@ def zero_shot_classifier(
     progress: bool = False,
 ) -> torch.Tensor:
     """(D, C) unit-norm class weights: normalise each template's feature, average, renormalise."""
+    classnames = as_texts(classnames, "classnames", single=False)
+    templates = as_texts(templates, "templates")
     if not classnames:
         raise ValueError("no class names")
     if not templates:

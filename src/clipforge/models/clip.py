@@ -28,6 +28,39 @@ class CLIPOutput:
         return logits if self.logit_bias is None else logits + self.logit_bias
 
 
+def check_pixels(pixels: object) -> None:
+    """A one-line error for what `encode_image` cannot take (instead of torch's own from inside a conv)."""
+    if not isinstance(pixels, torch.Tensor):
+        raise TypeError(
+            "encode_image takes a (N, 3, H, W) float tensor of preprocessed images, got "
+            f"{type(pixels).__name__}: torch.stack([preprocess(image) for image in images])"
+        )
+    if pixels.dim() == 3:
+        raise ValueError(
+            f"encode_image takes a batch (N, 3, H, W), got one image {tuple(pixels.shape)}: "
+            "pixels.unsqueeze(0)"
+        )
+    if pixels.dim() != 4 or pixels.shape[1] != 3:
+        raise ValueError(
+            f"encode_image takes (N, 3, H, W) pixels (channels first), got {tuple(pixels.shape)}"
+        )
+    if not pixels.is_floating_point():  # raw 0-255 values would give features, all meaningless
+        raise TypeError(
+            f"encode_image takes normalised float pixels (the output of preprocess), got {pixels.dtype}"
+        )
+
+
+def check_tokens(tokens: object) -> None:
+    """A one-line error for what `encode_text` cannot take: strings (not yet tokenized), float ids."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(
+            f"encode_text takes a (N, T) tensor of token ids, got {type(tokens).__name__}: "
+            "tokenize the texts first, tokenizer(texts)"
+        )
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"encode_text takes integer token ids, got {tokens.dtype}")
+
+
 class CLIP(nn.Module):
     """visual_tower / text_tower: prebuilt (e.g. pretrained, for LiT) towers used instead of building
     them from cfg; they must map to cfg.embed_dim features and are never re-initialised here."""
@@ -63,11 +96,16 @@ class CLIP(nn.Module):
                 self.logit_bias.fill_(self.config.init_logit_bias)
 
     def encode_image(self, pixels: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
-        """(N, 3, H, W) normalised pixels -> (N, D) unnormalised features, as OpenAI CLIP."""
+        """(N, 3, H, W) normalised pixels -> (N, D) unnormalised features, as OpenAI CLIP.
+
+        `pixels` is a float batch of `preprocess` outputs: `torch.stack([preprocess(im) for im in ims])`.
+        Gradients are tracked as for any module: wrap inference in `torch.inference_mode()`."""
+        check_pixels(pixels)
         return self.visual(pixels, mask_ratio=mask_ratio)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, T) token ids -> (N, D) unnormalised features, as OpenAI CLIP."""
+        """(N, T) token ids (`tokenizer(texts)`) -> (N, D) unnormalised features, as OpenAI CLIP."""
+        check_tokens(tokens)
         return self.text(tokens)
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, mask_ratio: float = 0.0) -> CLIPOutput:

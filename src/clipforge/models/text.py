@@ -46,6 +46,14 @@ class TextTransformer(nn.Module):
             raise ValueError(f"token ids must be (N, T), got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"{tokens.shape[1]} tokens exceed the context length {self.context_length}")
+        if tokens.numel():  # nn.Embedding's own error is an IndexError with no numbers in it
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
+            vocab = self.token_embedding.num_embeddings
+            if lo < 0 or hi >= vocab:
+                raise ValueError(
+                    f"token id {lo if lo < 0 else hi} is outside this model's vocabulary (0..{vocab - 1}): "
+                    "were the texts tokenized with another model's tokenizer?"
+                )
         eot = tokens.argmax(dim=-1)  # (N,)
         T = int(eot.max()) + 1 if tokens.shape[0] else 1
         x = self.token_embedding(tokens[:, :T]) + self.pos_embed[:T].to(self.token_embedding.weight.dtype)

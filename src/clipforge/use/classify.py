@@ -14,7 +14,8 @@ CLIPScore (Hessel et al. 2021): w * max(cos, 0) with w = 2.5, and torchmetrics' 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..eval.templates import format_template
+from ..eval.templates import as_texts, format_template
 from .encoders import Encoder
 from .inputs import Item, ItemImages, collate_rows
 
@@ -33,6 +34,7 @@ def label_embeddings(
     encoder: Encoder, labels: Sequence[str], templates: Sequence[str] = ("{}",)
 ) -> torch.Tensor:
     """(C, D) unit label vectors: each label in every template, normalised, averaged, renormalised."""
+    labels, templates = as_texts(labels, "labels", single=False), as_texts(templates, "templates")
     if not labels:
         raise ValueError("no labels given")
     if not templates:
@@ -42,11 +44,27 @@ def label_embeddings(
     return F.normalize(feats, dim=-1)
 
 
+def as_paths(images: str | os.PathLike | Iterable[str | os.PathLike], what: str = "images") -> list[str]:
+    """Image file paths as str, from one path or any iterable of paths (str or Path). Anything else (a
+    PIL image, an array) is refused: it would be looked up as a file named after its repr and skipped."""
+    if isinstance(images, str | os.PathLike):
+        return [os.fspath(images)]
+    out = []
+    for i, p in enumerate(images):
+        if not isinstance(p, str | os.PathLike):
+            raise TypeError(
+                f"{what}[{i}] is a {type(p).__name__}: give image file paths (str or Path); for images in "
+                "memory use encoder.encode_pixels(torch.stack([encoder.preprocess(im) for im in images]))"
+            )
+        out.append(os.fspath(p))
+    return out
+
+
 def image_batches(
-    encoder: Encoder, paths: Sequence[str | Path], batch_size: int = 32, workers: int = 0
+    encoder: Encoder, paths: str | Path | Iterable[str | Path], batch_size: int = 32, workers: int = 0
 ) -> Iterator[tuple[list[str], torch.Tensor | None, list]]:
     """(paths, (n, D) unit image features, skipped (key, Skipped)) per batch of readable images."""
-    items = [Item(str(p), str(p)) for p in paths]
+    items = [Item(p, p) for p in as_paths(paths)]
     loader = DataLoader(
         ItemImages(items, encoder.preprocess),
         batch_size=batch_size,
@@ -70,8 +88,12 @@ def label_probabilities(
 
 
 class Classifier:
-    def __init__(self, encoder: Encoder, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> None:
-        self.encoder, self.labels = encoder, list(labels)
+    """Zero-shot labels for image files: `Classifier(encoder, ["a cat", "a dog"]).classify(paths)`."""
+
+    def __init__(
+        self, encoder: Encoder, labels: Iterable[str], templates: str | Iterable[str] = ("{}",)
+    ) -> None:
+        self.encoder, self.labels = encoder, as_texts(labels, "labels", single=False)
         self.weights = label_embeddings(encoder, self.labels, templates)  # (C, D), computed once
 
     def probabilities(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -79,10 +101,12 @@ class Classifier:
         return label_probabilities(self.encoder, image_features, self.weights)
 
     def classify(
-        self, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 32, workers: int = 0
+        self, paths: str | Path | Iterable[str | Path], top_k: int = 5, batch_size: int = 32, workers: int = 0
     ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         """(one result per readable image, in input order: path, top-k labels and probabilities;
         the skipped images with reason and detail)."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
         k = min(top_k, len(self.labels))
         results, skipped = [], []
         for keys, feats, bad in image_batches(self.encoder, paths, batch_size, workers):
@@ -103,13 +127,14 @@ class Classifier:
 
 def clip_score(
     encoder: Encoder,
-    images: Sequence[str | Path],
-    captions: Sequence[str],
+    images: str | Path | Iterable[str | Path],
+    captions: str | Iterable[str],
     batch_size: int = 32,
     workers: int = 0,
     w: float = CLIPSCORE_W,
 ) -> dict[str, Any]:
     """CLIPScore per (image, caption) pair and the means over the readable pairs."""
+    images, captions = as_paths(images), as_texts(captions, "captions")
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: give one caption per image")
     pairs, skipped = [], []

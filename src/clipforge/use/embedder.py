@@ -231,11 +231,12 @@ def embed(
     model: str | Path | Any,
     *,
     runtime: str = "torch",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     precision: str = "fp32",
     options: EmbedOptions | None = None,
 ) -> dict[str, Any]:
-    """Embed `data` into `out` (see the module docstring); returns the final manifest."""
+    """Embed `data` into `out` (see the module docstring); returns the final manifest. `device` None: CPU
+    for a checkpoint path, the model's own device for a CLIP (see `open_encoder`)."""
     opts = options or EmbedOptions()
     data, out = str(data), Path(out)
     kind = opts.kind or detect_kind(data)

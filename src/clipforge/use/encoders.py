@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from ..checkpoints.io import build_model, check_device, preprocess_for, read_checkpoint, tokenizer_for
 from ..config import PRESETS, get_config
-from ..eval.features import model_fingerprint, tokenize
+from ..eval.features import model_device, model_fingerprint, tokenize
+from ..eval.templates import as_texts
 from ..models.clip import CLIP
 from ..models.hardware import slow_bf16_reason
 from ..tokenizer import Tokenizer
@@ -80,13 +82,16 @@ class Encoder:
         """(N, T) token ids -> (N, D) float32 unit-norm features on CPU."""
         return F.normalize(self._text(tokens).float().cpu(), dim=-1)
 
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+    def tokenize(self, texts: str | Iterable[str]) -> torch.Tensor:
+        """Strings (one str is one text) -> (N, context_length) token ids, truncated to the context."""
         if self.tokenizer is None:
             raise ValueError(f"{self.source}: the model has no tokenizer, so it cannot embed texts")
-        return tokenize(self.tokenizer, list(texts), self.context_length)
+        return tokenize(self.tokenizer, as_texts(texts), self.context_length)
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Strings -> (N, D) float32 unit-norm features (truncated to the context length)."""
+    def encode_texts(self, texts: str | Iterable[str], batch_size: int = 256) -> torch.Tensor:
+        """Strings (any iterable; one str is one text) -> (N, D) float32 unit-norm features (truncated to
+        the context length)."""
+        texts = as_texts(texts)
         if not texts:
             return torch.zeros(0, self.embed_dim)
         out = [
@@ -109,8 +114,25 @@ class Encoder:
 PRECISIONS = ("fp32", "bf16", "bf16-weights", "fp16")
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode for the block, then every submodule's own flag back: a model handed in by the
+    caller (mid-training, a ResNet's BatchNorm; a LiT model whose locked tower stays in eval) is left as
+    it was."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 class TorchEncoder(Encoder):
-    """A clipforge CLIP in eval mode at one of `PRECISIONS` (features always returned in fp32)."""
+    """A clipforge CLIP at one of `PRECISIONS` (features always returned in fp32), run in eval mode.
+
+    `device` None: where the model is. A model passed in keeps its train/eval mode (each forward runs in
+    eval mode and restores it)."""
 
     runtime = "torch"
 
@@ -121,12 +143,12 @@ class TorchEncoder(Encoder):
         tokenizer: Callable | None,
         *,
         source: str = "",
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         precision: str = "fp32",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-        self.device = check_device(device)
+        self.device = check_device(device) if device is not None else model_device(model)
         slow = slow_bf16_reason(self.device) if precision.startswith("bf16") else None
         if slow:
             warnings.warn(f"{slow}; use fp32", stacklevel=2)
@@ -141,7 +163,7 @@ class TorchEncoder(Encoder):
         self.logit_bias = None if model.logit_bias is None else float(model.logit_bias.detach())
         if precision == "bf16-weights":  # a copy: the caller's model keeps its weights
             model = copy.deepcopy(model).to(dtype=torch.bfloat16)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
         self._input_dtype = torch.bfloat16 if precision == "bf16-weights" else None
 
     def _autocast(self):
@@ -149,13 +171,13 @@ class TorchEncoder(Encoder):
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _image(self, pixels: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self._autocast(), eval_mode(self.model):
             return self.model.encode_image(
                 pixels.to(self.device, dtype=self._input_dtype or pixels.dtype, non_blocking=True)
             )
 
     def _text(self, tokens: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self._autocast(), eval_mode(self.model):
             return self.model.encode_text(tokens.to(self.device))
 
 
@@ -219,14 +241,15 @@ def open_encoder(
     model: str | Path | CLIP | Encoder,
     runtime: str = "torch",
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     precision: str = "fp32",
     tokenizer: Callable | None = None,
     preprocess: PreprocessConfig | None = None,
 ) -> Encoder:
     """An Encoder from a checkpoint path or preset name (torch), an export-onnx directory (onnx), a CLIP
     (with `tokenizer` / `preprocess`, defaults: OpenAI's BPE when the vocabulary fits, the model's size),
-    or an Encoder (returned as is)."""
+    or an Encoder (returned as is). `device` None: CPU for a path, the model's own device for a CLIP
+    (which is moved only when another device is named, and keeps its train/eval mode)."""
     if isinstance(model, Encoder):
         return model
     if runtime not in RUNTIMES:
@@ -251,5 +274,5 @@ def open_encoder(
         )
     net, cfg, tok, source = load_torch_model(model)
     return TorchEncoder(
-        net, preprocess or cfg, tokenizer or tok, source=source, device=device, precision=precision
+        net, preprocess or cfg, tokenizer or tok, source=source, device=device or "cpu", precision=precision
     )

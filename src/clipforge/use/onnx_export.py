@@ -14,6 +14,7 @@ projection, not nn.MultiheadAttention's fast path) exports as plain MatMul/Softm
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -68,7 +69,10 @@ def export_onnx(
     enc = open_encoder(model)
     if not isinstance(enc, TorchEncoder):
         raise TypeError("export_onnx needs a torch model (a checkpoint, preset name or CLIP)")
-    net = enc.model.float().cpu().eval()
+    net = enc.model
+    if isinstance(model, CLIP | Encoder):  # the caller's model: exported from a copy, left where it is
+        net = copy.deepcopy(net)
+    net = net.float().cpu().eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s, ctx = net.config.vision.image_size, net.config.text.context_length
