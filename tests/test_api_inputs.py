@@ -66,6 +66,20 @@ def test_encode_text_takes_int32_ids(vit):
     assert vit.encode_text(ids[:0]).shape == (0, vit.config.embed_dim)
 
 
+def test_normalize_keyword_as_open_clip(vit):
+    """OpenCLIP's encode_image(x, normalize=True) / encode_text(t, True): unit rows, same direction."""
+    x, ids = _pixels(vit, 3), torch.tensor([[49406, 320, 1929, 49407, 0], [49406, 539, 49407, 0, 0]])
+    with torch.inference_mode():
+        for plain, unit in [
+            (vit.encode_image(x), vit.encode_image(x, normalize=True)),
+            (vit.encode_image(x), vit.encode_image(x, True)),  # positional, as OpenCLIP code calls it
+            (vit.encode_text(ids), vit.encode_text(ids, normalize=True)),
+        ]:
+            torch.testing.assert_close(unit.norm(dim=-1), torch.ones(len(unit)))
+            torch.testing.assert_close(unit * plain.norm(dim=-1, keepdim=True), plain)
+            assert not torch.allclose(plain.norm(dim=-1), torch.ones(len(plain)))
+
+
 # ------------------------------------------------------------------ clipforge.use and eval: text and paths
 @pytest.fixture(scope="module")
 def encoder(vit):

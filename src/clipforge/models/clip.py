@@ -95,24 +95,30 @@ class CLIP(nn.Module):
             if self.logit_bias is not None:
                 self.logit_bias.fill_(self.config.init_logit_bias)
 
-    def encode_image(self, pixels: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
-        """(N, 3, H, W) normalised pixels -> (N, D) unnormalised features, as OpenAI CLIP.
+    def encode_image(
+        self, pixels: torch.Tensor, normalize: bool = False, *, mask_ratio: float = 0.0
+    ) -> torch.Tensor:
+        """(N, 3, H, W) normalised pixels -> (N, D) features: unnormalised as OpenAI CLIP, or L2-normalised
+        with `normalize=True` (OpenCLIP's keyword, in the same place).
 
         `pixels` is a float batch of `preprocess` outputs: `torch.stack([preprocess(im) for im in ims])`.
         Gradients are tracked as for any module: wrap inference in `torch.inference_mode()`."""
         check_pixels(pixels)
-        return self.visual(pixels, mask_ratio=mask_ratio)
+        feats = self.visual(pixels, mask_ratio=mask_ratio)
+        return F.normalize(feats, dim=-1) if normalize else feats
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, T) token ids (`tokenizer(texts)`) -> (N, D) unnormalised features, as OpenAI CLIP."""
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(N, T) token ids (`tokenizer(texts)`) -> (N, D) features: unnormalised as OpenAI CLIP, or
+        L2-normalised with `normalize=True` (OpenCLIP's keyword)."""
         check_tokens(tokens)
-        return self.text(tokens)
+        feats = self.text(tokens)
+        return F.normalize(feats, dim=-1) if normalize else feats
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, mask_ratio: float = 0.0) -> CLIPOutput:
         """`mask_ratio` > 0 drops that share of image patches at random (FLIP training, ViT towers only)."""
         return CLIPOutput(
-            image_features=F.normalize(self.encode_image(pixels, mask_ratio=mask_ratio), dim=-1),
-            text_features=F.normalize(self.encode_text(tokens), dim=-1),
+            image_features=self.encode_image(pixels, normalize=True, mask_ratio=mask_ratio),
+            text_features=self.encode_text(tokens, normalize=True),
             logit_scale=self.logit_scale.exp().clamp(max=self.config.max_logit_scale),
             logit_bias=self.logit_bias,
         )
