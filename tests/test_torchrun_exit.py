@@ -31,3 +31,18 @@ def test_two_cpu_ranks_exit_cleanly(tmp_path, attempt):
         pytest.fail(f"torchrun did not return within 120 s (a rank hung at exit): {str(e.stdout)[-500:]}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trained 1 steps" in proc.stdout and (out / "model").is_dir()
+
+
+def test_world_size_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
+    """`WORLD_SIZE=2 clipforge train` (no torchrun, so no MASTER_ADDR/PORT) used to end in a traceback."""
+    from clipforge.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # not rank 0: no run lock taken, nothing written
+    for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("clipforge.train.dist.leave_process", lambda code: None)  # not os._exit in pytest
+    code = main(["train", "--no-progress", "train.device=cpu", f"run.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("clipforge train: error: WORLD_SIZE=2") and "torchrun" in err and "\n" not in err

@@ -7,6 +7,7 @@ data.kind: synthetic (no files), manifest (CSV/TSV/JSONL), folder (images + side
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(exp, args: argparse.Namespace) -> int:
     from ..train.build import run_experiment
-    from ..train.dist import is_main
+    from ..train.dist import LaunchError, is_main
     from ..train.trainer import NonFiniteLossError, TrainingInterrupted
 
     try:
@@ -42,6 +43,9 @@ def _train(exp, args: argparse.Namespace) -> int:
         return 130
     except NonFiniteLossError as e:
         print(f"clipforge train: error: {e}")
+        return 1
+    except LaunchError as e:  # e.g. WORLD_SIZE set without torchrun: one line, not a traceback
+        print(f"clipforge train: error: {e}", file=sys.stderr)
         return 1
     out = exp.run.output_dir
     if not is_main():  # torchrun: the other ranks stay quiet

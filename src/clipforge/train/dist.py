@@ -18,6 +18,11 @@ import torch
 import torch.distributed as dist
 
 
+class LaunchError(RuntimeError):
+    """The environment describes a process group this process cannot join (e.g. WORLD_SIZE without
+    torchrun's other variables, more ranks than GPUs): the CLI says so in one line."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -65,7 +70,7 @@ def init_distributed(
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         if device.index >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise LaunchError(
                 f"LOCAL_RANK {local_rank} needs GPU {device.index} but this node has "
                 f"{torch.cuda.device_count()}: use --nproc_per_node <= the GPU count"
             )
@@ -73,11 +78,11 @@ def init_distributed(
     if world <= 1:
         return DistInfo(0, 1, 0, device, None)
     if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} outside WORLD_SIZE={world}")
+        raise LaunchError(f"RANK={rank} outside WORLD_SIZE={world}")
     if not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
         if missing:
-            raise RuntimeError(
+            raise LaunchError(
                 f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun (it sets them)"
             )
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
