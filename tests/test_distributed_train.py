@@ -113,3 +113,41 @@ def test_fsdp_checkpoint_is_consolidated_and_resumes_in_one_process(fsdp_run):
                          progress=False)  # fmt: skip
     assert res.step == 4 and len(res.losses) == 1
     assert res.losses[0] == pytest.approx(single.losses[3], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- skips
+def _skip_worker(rank: int, world: int, port: int, manifest: str, out: str) -> None:
+    set_rank_env(rank, world, port)
+    overrides = [
+        "model.preset=tiny-vit",
+        "model.tokenizer=openai",
+        "model.context_length=16",
+        "data.kind=manifest",
+        f"data.train={manifest}",
+        "data.shuffle=false",  # global batch 1 = rows 0-7: rank 0 loads rows 0-3, rank 1 rows 4-7
+        "train.batch_size=8",
+        "train.steps=1",
+        "train.device=cpu",
+        "run.tensorboard=false",
+        f"run.output_dir={out}",
+    ]
+    run_experiment(load_experiment(None, overrides), progress=False)
+
+
+def test_skips_of_every_rank_are_reported_once(tmp_path):
+    """Each rank loads (and counts) only its own rows: rank 0 reported 0 skipped samples when the corrupt
+    images were in rank 1's rows. The report sums the ranks, and rank 0 alone writes it."""
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    rows = ["image,caption"]
+    for i in range(16):
+        Image.new("RGB", (32, 32), (i * 15, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,picture {i}")
+    for i in (5, 6):  # rank 1's rows of the first global batch
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    mp.spawn(_skip_worker, args=(2, free_port(), str(tmp_path / "train.csv"), str(out)), nprocs=2, join=True)
+    data = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"data"' in x]
+    assert [d["skipped"] for d in data] == [{"corrupt_image": 2}]

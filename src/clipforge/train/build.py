@@ -25,7 +25,7 @@ from ..data.sources import EmbeddingCacheSource, Source, StreamOptions, open_sou
 from ..data.streams import SkipReport
 from ..eval.evaluators import evaluator_for, validation_evaluators
 from ..transforms import PreprocessConfig, eval_transform, fast_train_transform, train_transform
-from .dist import DistInfo, barrier, cleanup, init_distributed, is_main
+from .dist import DistInfo, barrier, cleanup, init_distributed, is_main, sum_over_ranks
 from .experiment import Experiment
 from .fsdp import is_fsdp, meta_copy, model_state_dict, shard_fsdp, wrap_ddp
 from .global_loss import DistributedLoss
@@ -93,7 +93,8 @@ def data_stream(
     if source.skips is None:
         return stream
     echo = (tqdm.write if progress else print) if dist_info.is_main else (lambda msg: None)
-    return SkipReport(stream, source.skips, metrics if dist_info.is_main else None, echo=echo)
+    reduce = sum_over_ranks if dist_info.distributed else None  # rank 0 reports what every rank skipped
+    return SkipReport(stream, source.skips, metrics if dist_info.is_main else None, echo=echo, reduce=reduce)
 
 
 def build_evaluators(

@@ -154,3 +154,14 @@ def any_rank(flag: bool) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def sum_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise sums over the ranks (a collective: every rank calls it at the same point)."""
+    if not is_distributed():
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
