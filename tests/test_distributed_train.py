@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -118,12 +119,19 @@ def test_fsdp_checkpoint_is_consolidated_and_resumes_in_one_process(fsdp_run):
 # ---------------------------------------------------------------------------------------------- skips
 def _skip_worker(rank: int, world: int, port: int, manifest: str, out: str) -> None:
     set_rank_env(rank, world, port)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"output{rank}.txt"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+        _run_skip_worker(manifest, out)
+
+
+def _run_skip_worker(manifest: str, out: str) -> None:
     overrides = [
         "model.preset=tiny-vit",
         "model.tokenizer=openai",
         "model.context_length=16",
         "data.kind=manifest",
         f"data.train={manifest}",
+        f"data.val={manifest}",  # retrieval at the end: rank 0 alone evaluates, and reads it
         "data.shuffle=false",  # global batch 1 = rows 0-7: rank 0 loads rows 0-3, rank 1 rows 4-7
         "train.batch_size=8",
         "train.steps=1",
@@ -134,11 +142,11 @@ def _skip_worker(rank: int, world: int, port: int, manifest: str, out: str) -> N
     run_experiment(load_experiment(None, overrides), progress=False)
 
 
-def test_skips_of_every_rank_are_reported_once(tmp_path):
-    """Each rank loads (and counts) only its own rows: rank 0 reported 0 skipped samples when the corrupt
-    images were in rank 1's rows. The report sums the ranks, and rank 0 alone writes it."""
+@pytest.fixture(scope="module")
+def skip_run(tmp_path_factory):
     from PIL import Image
 
+    tmp_path = tmp_path_factory.mktemp("skips")
     torch.set_num_threads(1)
     rows = ["image,caption"]
     for i in range(16):
@@ -149,5 +157,20 @@ def test_skips_of_every_rank_are_reported_once(tmp_path):
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
     mp.spawn(_skip_worker, args=(2, free_port(), str(tmp_path / "train.csv"), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_skips_of_every_rank_are_reported_once(skip_run):
+    """Each rank loads (and counts) only its own rows: rank 0 reported 0 skipped samples when the corrupt
+    images were in rank 1's rows. The report sums the ranks, and rank 0 alone writes it."""
+    out = skip_run
     data = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"data"' in x]
     assert [d["skipped"] for d in data] == [{"corrupt_image": 2}]
+
+
+def test_only_the_evaluating_rank_reads_the_evaluation_set(skip_run):
+    """Every rank loaded data.val (each image decoded to check it) and printed its skip summary, though
+    rank 0 alone evaluates under DDP."""
+    out = skip_run
+    said = [(out / f"output{r}.txt").read_text().count("train.csv: skipped 2") for r in range(2)]
+    assert said == [1, 0]

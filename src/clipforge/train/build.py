@@ -213,7 +213,9 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     dataset = source.dataset(transform, tokenizer, model.config.text.context_length)
     run_dir = RunDir(exp.run.output_dir)
     data = data_stream(exp, source, dataset, dist_info, run_dir.metrics, progress)
-    evaluators = build_evaluators(exp, source, preprocess, tokenizer)
+    # DDP: rank 0 alone evaluates, so only it reads the evaluation sets (FSDP2: every rank takes part)
+    evaluates = dist_info.is_main or (exp.train.strategy == "fsdp" and dist_info.distributed)
+    evaluators = build_evaluators(exp, source, preprocess, tokenizer) if evaluates else {}
     model, export_template = place_model(model, exp, dist_info)
     optimizer, scheduler = build_optim(model, exp)
     if exp.train.strategy == "ddp":
