@@ -170,6 +170,7 @@ def build_step(exp: Experiment, cached: bool, pixel_norm=None):
         accum_steps=t.accum_steps,
         mask_ratio=t.mask_ratio,
         unmasked_from_step=t.steps - t.unmasked_steps if t.unmasked_steps else None,
+        seed=exp.run.seed,  # FLIP masks from (seed, step, rank): they differ across ranks
         **({"pixel_norm": pixel_norm} if pixel_norm is not None else {}),  # for uint8 batches (fast_decode)
     )
 
