@@ -174,3 +174,49 @@ def test_only_the_evaluating_rank_reads_the_evaluation_set(skip_run):
     out = skip_run
     said = [(out / f"output{r}.txt").read_text().count("train.csv: skipped 2") for r in range(2)]
     assert said == [1, 0]
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def _shard_worker(rank: int, world: int, ports: list[int], shards: str, root: str) -> None:
+    def run(name: str, steps: int, port: int, resume: bool = False) -> list[float]:
+        set_rank_env(rank, world, port)
+        overrides = [
+            "model.preset=tiny-vit",
+            "model.tokenizer=openai",
+            "model.context_length=16",
+            "data.kind=webdataset",
+            f"data.train={shards}",
+            "train.batch_size=4",  # 2 per rank
+            f"train.steps={steps}",
+            "train.device=cpu",
+            "optim.schedule=constant",
+            "optim.warmup_steps=1",
+            "run.log_every=1",
+            "run.tensorboard=false",
+            f"run.output_dir={os.path.join(root, name)}",
+        ]
+        return run_experiment(load_experiment(None, overrides), resume=resume, progress=False).losses
+
+    full = run("full", 6, ports[0])
+    run("parts", 3, ports[1])  # the rank with 1 shard is in its epoch 1, the other still in epoch 0
+    resumed = run("parts", 6, ports[2], resume=True)
+    torch.save({"full": full, "resumed": resumed}, os.path.join(root, f"shard_losses{rank}.pt"))
+
+
+def test_uneven_shard_split_resumes_each_rank_where_it_was(tmp_path):
+    """3 shards over 2 ranks: one rank reads 2 shards per epoch, the other 1, so their epochs run apart.
+    Checkpoints held rank 0's data position alone and every rank resumed from it: rank 1 then read other
+    samples than the uninterrupted run. Each rank now resumes from its own position."""
+    from PIL import Image
+
+    from clipforge.data import write_shards
+
+    torch.set_num_threads(1)
+    pairs = [(Image.new("RGB", (32, 32), (i * 20, 0, 0)), f"picture {i}") for i in range(12)]
+    write_shards(pairs, tmp_path / "shards", max_count=4, progress=False)  # 3 shards of 4
+    shards = str(tmp_path / "shards" / "{000000..000002}.tar")
+    ports = [free_port() for _ in range(3)]
+    mp.spawn(_shard_worker, args=(2, ports, shards, str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "shard_losses0.pt")
+    assert len(got["resumed"]) == 3
+    assert got["resumed"] == pytest.approx(got["full"][3:], rel=1e-5)

@@ -7,6 +7,7 @@ Without those variables everything here degrades to a single process: world 1, r
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -165,3 +166,17 @@ def sum_over_ranks(values: list[int]) -> list[int]:
         t = t.cuda()
     dist.all_reduce(t)
     return [int(v) for v in t.tolist()]
+
+
+def gather_json(value: Any) -> list[Any]:
+    """Every rank's JSON-able `value`, in rank order (a collective; JSON bytes, never pickle)."""
+    if not is_distributed():
+        return [value]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    raw = torch.tensor(list(json.dumps(value).encode("utf-8")), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([raw.numel()], dtype=torch.long, device=device))
+    top = max(int(n) for n in sizes)
+    parts = [torch.zeros(top, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(parts, torch.cat([raw, raw.new_zeros(top - raw.numel())]))
+    return [json.loads(bytes(p[: int(n)].tolist()).decode("utf-8")) for p, n in zip(parts, sizes)]
