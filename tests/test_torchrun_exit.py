@@ -46,3 +46,28 @@ def test_world_size_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.startswith("clipforge train: error: WORLD_SIZE=2") and "torchrun" in err and "\n" not in err
+
+
+def test_a_rank_that_lost_another_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """kill -9 of one rank: the others fail in their next collective with gloo's RuntimeError, which was
+    printed as a 30-line traceback above torchrun's own summary."""
+    from clipforge.cli import main
+
+    def peer_died(*args, **kwargs):
+        raise RuntimeError(
+            "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:50853. This is "
+            "typically caused by a remote worker crashing."
+        )
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("clipforge.train.dist.leave_process", lambda code: None)
+    monkeypatch.setattr("clipforge.train.build.run_experiment", peer_died)
+    code = main(["train", "--no-progress", "train.device=cpu", f"run.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err
+    assert err.startswith("clipforge train: error: rank 1: another rank")
+    assert "Connection closed by peer" in err and "--resume" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing to lose, the error is not rewritten
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        main(["train", "--no-progress", "train.device=cpu", f"run.output_dir={tmp_path / 'run'}"])

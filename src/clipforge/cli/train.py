@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(exp, args: argparse.Namespace) -> int:
     from ..train.build import run_experiment
-    from ..train.dist import LaunchError, is_main
+    from ..train.dist import LaunchError, is_main, lost_peer
     from ..train.trainer import NonFiniteLossError, TrainingInterrupted
 
     try:
@@ -46,6 +46,12 @@ def _train(exp, args: argparse.Namespace) -> int:
         return 1
     except LaunchError as e:  # e.g. WORLD_SIZE set without torchrun: one line, not a traceback
         print(f"clipforge train: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # torchrun: another rank died (kill -9, a crash) while this one waited on it
+        msg = lost_peer(e)
+        if msg is None:
+            raise
+        print(f"clipforge train: error: {msg}", file=sys.stderr)
         return 1
     out = exp.run.output_dir
     if not is_main():  # torchrun: the other ranks stay quiet

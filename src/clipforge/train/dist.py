@@ -94,6 +94,30 @@ def init_distributed(
     return DistInfo(rank, world, local_rank, device, dist.get_backend())
 
 
+# what gloo / NCCL / the c10d store say when another process of the job died (killed, crashed, its node lost)
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """One line for an error raised in a collective because another rank went away, else None."""
+    if _env_int("WORLD_SIZE", 1) <= 1 or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or any(p in text for p in _PEER_LOST)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (
+        f"rank {get_rank()}: another rank of the job stopped or cannot be reached ({first[:160]}); "
+        "the launcher's summary names the rank that failed first; continue from the newest checkpoint "
+        "with --resume"
+    )
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
