@@ -209,6 +209,28 @@ def test_make_step_fn_batches_and_unmasked_tuning():
     assert math.isclose(float(masked), ref_loss, rel_tol=1e-5) and float(masked) != float(loss)
 
 
+def test_masks_differ_across_ranks_and_follow_the_step(monkeypatch):
+    """Every rank starts from run.seed (for an identical model init), so the global RNG gave every rank the
+    same FLIP masks for its rows. With `seed` the masks come from (seed, step, rank): different ranks draw
+    different ones, and the same step draws the same ones whatever the global RNG holds (resumes)."""
+    model = _model("tiny-vit")
+    images, texts = random_batch(8, model.image_size, VOCAB)
+    step_fn = make_step_fn("clip", mask_ratio=0.5, seed=0)
+
+    def loss_on(rank: int, global_seed: int) -> float:
+        monkeypatch.setenv("RANK", str(rank))  # no process group: get_rank() reads torchrun's RANK
+        torch.manual_seed(global_seed)
+        model.zero_grad(set_to_none=True)
+        return float(step_fn(model, (images, texts), step=5))
+
+    rank0 = loss_on(0, global_seed=0)
+    assert loss_on(1, global_seed=0) != rank0  # the same global RNG state, another rank: other masks
+    assert loss_on(0, global_seed=123) == rank0  # the masks are those of (seed, step, rank) alone
+    state = torch.get_rng_state()
+    step_fn(model, (images, texts), step=5)
+    assert torch.equal(torch.get_rng_state(), state)  # the step leaves the global RNG as it was
+
+
 def test_step_errors():
     model = _model("tiny-vit")
     images, texts = random_batch(4, model.image_size, VOCAB)

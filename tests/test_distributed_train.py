@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -113,3 +114,109 @@ def test_fsdp_checkpoint_is_consolidated_and_resumes_in_one_process(fsdp_run):
                          progress=False)  # fmt: skip
     assert res.step == 4 and len(res.losses) == 1
     assert res.losses[0] == pytest.approx(single.losses[3], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- skips
+def _skip_worker(rank: int, world: int, port: int, manifest: str, out: str) -> None:
+    set_rank_env(rank, world, port)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"output{rank}.txt"), "w") as f, redirect_stdout(f), redirect_stderr(f):
+        _run_skip_worker(manifest, out)
+
+
+def _run_skip_worker(manifest: str, out: str) -> None:
+    overrides = [
+        "model.preset=tiny-vit",
+        "model.tokenizer=openai",
+        "model.context_length=16",
+        "data.kind=manifest",
+        f"data.train={manifest}",
+        f"data.val={manifest}",  # retrieval at the end: rank 0 alone evaluates, and reads it
+        "data.shuffle=false",  # global batch 1 = rows 0-7: rank 0 loads rows 0-3, rank 1 rows 4-7
+        "train.batch_size=8",
+        "train.steps=1",
+        "train.device=cpu",
+        "run.tensorboard=false",
+        f"run.output_dir={out}",
+    ]
+    run_experiment(load_experiment(None, overrides), progress=False)
+
+
+@pytest.fixture(scope="module")
+def skip_run(tmp_path_factory):
+    from PIL import Image
+
+    tmp_path = tmp_path_factory.mktemp("skips")
+    torch.set_num_threads(1)
+    rows = ["image,caption"]
+    for i in range(16):
+        Image.new("RGB", (32, 32), (i * 15, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,picture {i}")
+    for i in (5, 6):  # rank 1's rows of the first global batch
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    mp.spawn(_skip_worker, args=(2, free_port(), str(tmp_path / "train.csv"), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_skips_of_every_rank_are_reported_once(skip_run):
+    """Each rank loads (and counts) only its own rows: rank 0 reported 0 skipped samples when the corrupt
+    images were in rank 1's rows. The report sums the ranks, and rank 0 alone writes it."""
+    out = skip_run
+    data = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"data"' in x]
+    assert [d["skipped"] for d in data] == [{"corrupt_image": 2}]
+
+
+def test_only_the_evaluating_rank_reads_the_evaluation_set(skip_run):
+    """Every rank loaded data.val (each image decoded to check it) and printed its skip summary, though
+    rank 0 alone evaluates under DDP."""
+    out = skip_run
+    said = [(out / f"output{r}.txt").read_text().count("train.csv: skipped 2") for r in range(2)]
+    assert said == [1, 0]
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def _shard_worker(rank: int, world: int, ports: list[int], shards: str, root: str) -> None:
+    def run(name: str, steps: int, port: int, resume: bool = False) -> list[float]:
+        set_rank_env(rank, world, port)
+        overrides = [
+            "model.preset=tiny-vit",
+            "model.tokenizer=openai",
+            "model.context_length=16",
+            "data.kind=webdataset",
+            f"data.train={shards}",
+            "train.batch_size=4",  # 2 per rank
+            f"train.steps={steps}",
+            "train.device=cpu",
+            "optim.schedule=constant",
+            "optim.warmup_steps=1",
+            "run.log_every=1",
+            "run.tensorboard=false",
+            f"run.output_dir={os.path.join(root, name)}",
+        ]
+        return run_experiment(load_experiment(None, overrides), resume=resume, progress=False).losses
+
+    full = run("full", 6, ports[0])
+    run("parts", 3, ports[1])  # the rank with 1 shard is in its epoch 1, the other still in epoch 0
+    resumed = run("parts", 6, ports[2], resume=True)
+    torch.save({"full": full, "resumed": resumed}, os.path.join(root, f"shard_losses{rank}.pt"))
+
+
+def test_uneven_shard_split_resumes_each_rank_where_it_was(tmp_path):
+    """3 shards over 2 ranks: one rank reads 2 shards per epoch, the other 1, so their epochs run apart.
+    Checkpoints held rank 0's data position alone and every rank resumed from it: rank 1 then read other
+    samples than the uninterrupted run. Each rank now resumes from its own position."""
+    from PIL import Image
+
+    from clipforge.data import write_shards
+
+    torch.set_num_threads(1)
+    pairs = [(Image.new("RGB", (32, 32), (i * 20, 0, 0)), f"picture {i}") for i in range(12)]
+    write_shards(pairs, tmp_path / "shards", max_count=4, progress=False)  # 3 shards of 4
+    shards = str(tmp_path / "shards" / "{000000..000002}.tar")
+    ports = [free_port() for _ in range(3)]
+    mp.spawn(_shard_worker, args=(2, ports, shards, str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "shard_losses0.pt")
+    assert len(got["resumed"]) == 3
+    assert got["resumed"] == pytest.approx(got["full"][3:], rel=1e-5)

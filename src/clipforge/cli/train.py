@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(exp, args: argparse.Namespace) -> int:
     from ..data import UnreadableDataError
     from ..train.build import run_experiment
-    from ..train.dist import is_main
+    from ..train.dist import LaunchError, is_main, lost_peer
     from ..train.trainer import NonFiniteLossError, TrainingInterrupted
 
     try:
@@ -47,6 +47,15 @@ def _train(exp, args: argparse.Namespace) -> int:
         return 1
     except UnreadableDataError as e:  # also when raised in a DataLoader worker (then torch wraps its message)
         print(f"clipforge train: error: {e.reason}", file=sys.stderr)
+        return 1
+    except LaunchError as e:  # e.g. WORLD_SIZE set without torchrun: one line, not a traceback
+        print(f"clipforge train: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # torchrun: another rank died (kill -9, a crash) while this one waited on it
+        msg = lost_peer(e)
+        if msg is None:
+            raise
+        print(f"clipforge train: error: {msg}", file=sys.stderr)
         return 1
     out = exp.run.output_dir
     if not is_main():  # torchrun: the other ranks stay quiet

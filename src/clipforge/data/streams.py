@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..transforms import ImageLoadError
 from .seeding import forked_rng
-from .skips import SkipCounter
+from .skips import REASONS, SkipCounter
 
 
 # ------------------------------------------------------------------------------------------ streams
@@ -327,6 +327,7 @@ class SkipReport:
         skips: SkipCounter,
         metrics: str | Path | None = None,
         echo: Callable[[str], None] = tqdm.write,
+        reduce: Callable[[list[int]], list[int]] | None = None,
     ) -> None:
         self.stream, self.skips, self.echo = stream, skips, echo
         self.metrics = Path(metrics) if metrics is not None else None
@@ -335,14 +336,26 @@ class SkipReport:
         self._earlier: dict[str, int] = {}  # counted by the processes before a resume
         self._epoch_start: dict[str, int] = {}
         stream.on_epoch_end = self._epoch_end
+        # Several ranks: each loads (and counts) only its own samples. `reduce` sums a list of counts over
+        # the ranks (a collective); it runs as each batch is handed out, the same step on every rank, and
+        # the reports use its sums. What the source counted while being read (e.g. bad manifest rows) is
+        # the same on every rank and counts once.
+        self.reduce = reduce
+        self._shared = self.skips.counts()
+        self._summed: dict[str, int] | None = None  # every rank's counts as of the last batch
 
     @property
     def epoch(self) -> int:
         return self.stream.epoch
 
     def skip_counts(self) -> dict[str, int]:
-        """Counts by reason since the run began."""
-        return _add(self._earlier, self.skips.counts())
+        """Counts by reason since the run began (of every rank, as of the last batch, with `reduce`)."""
+        return _add(self._earlier, self.skips.counts() if self._summed is None else self._summed)
+
+    def _sum_over_ranks(self) -> None:
+        mine = _sub(self.skips.counts(), self._shared)
+        summed = self.reduce([mine.get(r, 0) for r in REASONS])
+        self._summed = _add(self._shared, {r: int(n) for r, n in zip(REASONS, summed, strict=True) if n})
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -357,12 +370,15 @@ class SkipReport:
         self.batches = int(state.get("batches", 0))
         # what this process counted so far (caption checks while reading) is in the saved totals already
         self.skips.reset()
+        self._shared, self._summed = {}, None
         self._earlier = dict(state.get("skipped", {}))
         self._epoch_start = dict(state.get("skipped_at_epoch_start", {}))
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.stream:
             self.batches += 1
+            if self.reduce is not None:
+                self._sum_over_ranks()
             yield batch
 
     def _record(self, epoch: int, partial: bool) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ..data.sources import EmbeddingCacheSource, Source, StreamOptions, open_sou
 from ..data.streams import SkipReport
 from ..eval.evaluators import evaluator_for, validation_evaluators
 from ..transforms import PreprocessConfig, eval_transform, fast_train_transform, train_transform
-from .dist import DistInfo, barrier, cleanup, init_distributed, is_main
+from .dist import DistInfo, barrier, cleanup, init_distributed, is_main, sum_over_ranks
 from .experiment import Experiment
 from .fsdp import is_fsdp, meta_copy, model_state_dict, shard_fsdp, wrap_ddp
 from .global_loss import DistributedLoss
@@ -93,7 +93,8 @@ def data_stream(
     if source.skips is None:
         return stream
     echo = (tqdm.write if progress else print) if dist_info.is_main else (lambda msg: None)
-    return SkipReport(stream, source.skips, metrics if dist_info.is_main else None, echo=echo)
+    reduce = sum_over_ranks if dist_info.distributed else None  # rank 0 reports what every rank skipped
+    return SkipReport(stream, source.skips, metrics if dist_info.is_main else None, echo=echo, reduce=reduce)
 
 
 def build_evaluators(
@@ -169,6 +170,7 @@ def build_step(exp: Experiment, cached: bool, pixel_norm=None):
         accum_steps=t.accum_steps,
         mask_ratio=t.mask_ratio,
         unmasked_from_step=t.steps - t.unmasked_steps if t.unmasked_steps else None,
+        seed=exp.run.seed,  # FLIP masks from (seed, step, rank): they differ across ranks
         **({"pixel_norm": pixel_norm} if pixel_norm is not None else {}),  # for uint8 batches (fast_decode)
     )
 
@@ -214,7 +216,9 @@ def build_trainer(exp: Experiment, progress: bool = True, resume: bool = False) 
     dataset = source.dataset(transform, tokenizer, model.config.text.context_length)
     run_dir = RunDir(exp.run.output_dir)
     data = data_stream(exp, source, dataset, dist_info, run_dir.metrics, progress)
-    evaluators = build_evaluators(exp, source, preprocess, tokenizer)
+    # DDP: rank 0 alone evaluates, so only it reads the evaluation sets (FSDP2: every rank takes part)
+    evaluates = dist_info.is_main or (exp.train.strategy == "fsdp" and dist_info.distributed)
+    evaluators = build_evaluators(exp, source, preprocess, tokenizer) if evaluates else {}
     model, export_template = place_model(model, exp, dist_info)
     optimizer, scheduler = build_optim(model, exp)
     if exp.train.strategy == "ddp":

@@ -7,6 +7,7 @@ Without those variables everything here degrades to a single process: world 1, r
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -16,6 +17,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The environment describes a process group this process cannot join (e.g. WORLD_SIZE without
+    torchrun's other variables, more ranks than GPUs): the CLI says so in one line."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ def init_distributed(
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         if device.index >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise LaunchError(
                 f"LOCAL_RANK {local_rank} needs GPU {device.index} but this node has "
                 f"{torch.cuda.device_count()}: use --nproc_per_node <= the GPU count"
             )
@@ -73,11 +79,11 @@ def init_distributed(
     if world <= 1:
         return DistInfo(0, 1, 0, device, None)
     if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} outside WORLD_SIZE={world}")
+        raise LaunchError(f"RANK={rank} outside WORLD_SIZE={world}")
     if not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
         if missing:
-            raise RuntimeError(
+            raise LaunchError(
                 f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun (it sets them)"
             )
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
@@ -86,6 +92,30 @@ def init_distributed(
             kwargs["device_id"] = device  # binds NCCL to this GPU (no hangs on the wrong device)
         dist.init_process_group(**kwargs)
     return DistInfo(rank, world, local_rank, device, dist.get_backend())
+
+
+# what gloo / NCCL / the c10d store say when another process of the job died (killed, crashed, its node lost)
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """One line for an error raised in a collective because another rank went away, else None."""
+    if _env_int("WORLD_SIZE", 1) <= 1 or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or any(p in text for p in _PEER_LOST)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (
+        f"rank {get_rank()}: another rank of the job stopped or cannot be reached ({first[:160]}); "
+        "the launcher's summary names the rank that failed first; continue from the newest checkpoint "
+        "with --resume"
+    )
 
 
 def is_distributed() -> bool:
@@ -149,3 +179,28 @@ def any_rank(flag: bool) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def sum_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise sums over the ranks (a collective: every rank calls it at the same point)."""
+    if not is_distributed():
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def gather_json(value: Any) -> list[Any]:
+    """Every rank's JSON-able `value`, in rank order (a collective; JSON bytes, never pickle)."""
+    if not is_distributed():
+        return [value]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    raw = torch.tensor(list(json.dumps(value).encode("utf-8")), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([raw.numel()], dtype=torch.long, device=device))
+    top = max(int(n) for n in sizes)
+    parts = [torch.zeros(top, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(parts, torch.cat([raw, raw.new_zeros(top - raw.numel())]))
+    return [json.loads(bytes(p[: int(n)].tolist()).decode("utf-8")) for p, n in zip(parts, sizes)]

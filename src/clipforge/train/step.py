@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from torch import nn
 
 from ..loss import LossFn, get_loss, get_objective
 from ..transforms import OPENAI_MEAN, OPENAI_STD, normalise_uint8
+from .dist import get_rank
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -208,11 +209,16 @@ def make_step_fn(
     mask_ratio: float = 0.0,
     unmasked_from_step: int | None = None,
     pixel_norm: tuple[Sequence[float], Sequence[float]] = (OPENAI_MEAN, OPENAI_STD),
+    seed: int | None = None,
 ) -> Callable[..., torch.Tensor]:
     """The trainer's `step_fn(model, batch, step=..., backward=...) -> loss` for contrastive pairs.
 
     batch is a mapping {"image": (B, 3, S, S), "text": (B, T)} or a pair (images, texts). From step
     `unmasked_from_step` on, masking is switched off (FLIP's short unmasked tuning at the end of a run).
+    With `seed`, a masked step draws its masks from RNGs seeded by (seed, step, rank) (forked: the
+    global streams are left as they were). Every rank starts from the same seed (identical model init),
+    so without it all ranks drew the same masks for their rows; and the masks do not depend on where a
+    run was resumed.
     Precision is the trainer's: it wraps the call in torch.autocast and passes its scaling `backward`.
     uint8 images are normalised on the device with `pixel_norm` (the model's preprocessing mean, std).
     """
@@ -225,20 +231,33 @@ def make_step_fn(
         backward: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         images, texts = (batch["image"], batch["text"]) if isinstance(batch, Mapping) else batch
-        masked = unmasked_from_step is None or step < unmasked_from_step
-        result = contrastive_step(
-            model,
-            images,
-            texts,
-            loss_fn,
-            accum_steps=accum_steps,
-            mask_ratio=mask_ratio if masked else 0.0,
-            backward=backward,
-            pixel_norm=pixel_norm,
-        )
+        masked = mask_ratio > 0 and (unmasked_from_step is None or step < unmasked_from_step)
+        with _mask_rng(seed, step, images.device) if masked and seed is not None else nullcontext():
+            result = contrastive_step(
+                model,
+                images,
+                texts,
+                loss_fn,
+                accum_steps=accum_steps,
+                mask_ratio=mask_ratio if masked else 0.0,
+                backward=backward,
+                pixel_norm=pixel_norm,
+            )
         return torch.tensor(result.loss)
 
     return step_fn
+
+
+@contextmanager
+def _mask_rng(seed: int, step: int, device: torch.device):
+    """The CPU and this device's RNGs seeded by (seed, step, rank) for one step, then restored."""
+    value = ((seed * 1_000_003 + step) * 65_537 + get_rank()) & 0x7FFF_FFFF_FFFF
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed(value)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(value)
+        yield
 
 
 def accumulation_memory_bytes(batch_size: int, embed_dim: int, loss: str = "clip") -> int:

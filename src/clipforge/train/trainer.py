@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..checkpoints.state import StateFormatError
 from ..data.streams import BatchStream, IterableBatchStream
 from ..models.hardware import slow_bf16_reason
-from .dist import any_rank, is_main
+from .dist import any_rank, gather_json, get_rank, get_world_size, is_main
 from .fsdp import full_training_state, is_fsdp, load_full_training_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .optim import clip_gradients
@@ -167,7 +167,9 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self._reapply_settings()
-        self.data.load_state_dict(state["data"])
+        ranks = state.get("data_ranks")  # every rank's own position (shards split over ranks drift apart)
+        mine = ranks[get_rank()] if ranks and len(ranks) == get_world_size() else state["data"]
+        self.data.load_state_dict(mine)  # else rank 0's: the same global batches at any world size
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         set_rng_state(state["rng"])
@@ -188,9 +190,15 @@ class Trainer:
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is None or not (self.is_main or self.fsdp):
+        """Every rank calls it at the same step (collectives); rank 0 writes."""
+        if self.run_dir is None:
+            return
+        positions = gather_json(self.data.state_dict())  # a collective: every rank's data position
+        if not (self.is_main or self.fsdp):
             return
         state = self.state_dict()  # FSDP2: a collective on every rank
+        if len(positions) > 1:
+            state["data_ranks"] = positions
         if self.is_main:
             self.run_dir.save_checkpoint(state, self.step, self.keep_last)
 
