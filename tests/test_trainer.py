@@ -177,6 +177,27 @@ def test_cli_reports_a_diverged_run_as_one_error_line(tmp_path, monkeypatch, cap
     assert err == "clipforge train: error: 5 consecutive non-finite losses at step 12 (lr too high?)\n"
 
 
+def test_cli_takes_overrides_after_resume(tmp_path, monkeypatch, capsys):
+    """`train --config c.yaml --resume key=value` (argparse alone stops the positionals at the option)."""
+    import clipforge.train.build as build
+    from clipforge.cli import main
+
+    seen = {}
+
+    def record(exp, **kw):
+        seen.update(out=exp.run.output_dir, lr=exp.optim.lr, resume=kw["resume"])
+        raise NonFiniteLossError("stop here")
+
+    monkeypatch.setattr(build, "run_experiment", record)
+    config = Path(__file__).resolve().parents[1] / "examples" / "run_synthetic.yaml"
+    out = str(tmp_path / "r")
+    assert main(["train", "--config", str(config), "optim.lr=0.01", "--resume", f"run.output_dir={out}"]) == 1
+    assert seen == {"out": out, "lr": 0.01, "resume": True}
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(config), "--resume", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_checkpoints_keep_last_and_are_atomic(tmp_path, monkeypatch):
     tr = make_trainer(tmp_path / "k", steps=7, checkpoint_every=2, keep_last=2)
     tr.fit()
