@@ -66,6 +66,7 @@ def test_a_fresh_run_in_a_directory_with_checkpoints_is_refused(tmp_path, capsys
     assert "Traceback" not in err
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before  # nothing touched
     assert main(["train", "--no-progress", "--resume", *_train_args(out, 4)]) == 0  # --resume continues it
+    assert "trained to step 4 (1 step this run)" in capsys.readouterr().out
 
 
 def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):

@@ -60,7 +60,11 @@ def _train(exp, args: argparse.Namespace) -> int:
     out = exp.run.output_dir
     if not is_main():  # torchrun: the other ranks stay quiet
         return 0
-    print(f"trained {result.step} steps in {result.seconds:.0f} s; run directory: {out}")
+    ran = len(result.losses)  # a resumed run trains only the steps after its checkpoint
+    done = f"{result.step} steps"
+    if ran != result.step:
+        done = f"to step {result.step} ({ran} step{'' if ran == 1 else 's'} this run)"
+    print(f"trained {done} in {result.seconds:.0f} s; run directory: {out}")
     print(f"  model: {out}/model (clipforge.load), metrics: {out}/metrics.jsonl, plots: {out}/plots/")
     for k, v in result.eval.items():
         print(f"  {k}: {v:.4f}")
