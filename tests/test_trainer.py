@@ -318,3 +318,28 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, na
     assert len(slow) == (0 if native else 1)
     if not native:
         assert str(slow[0].message).endswith("; train in fp32")
+
+
+def test_siglip_trains_from_a_preset_with_siglips_initialisation(tmp_path, capsys):
+    """train.loss=siglip on a preset without a logit bias (every paper preset) starts from SigLIP's
+    t' = ln 10, b = -10 (it failed: 'siglip loss needs a model with a logit_bias'); clip is unchanged."""
+    import math
+
+    from clipforge.checkpoints import load
+    from clipforge.cli import main
+
+    def args(out, loss):
+        return ["train", "--no-progress", "model.preset=tiny-vit", "model.tokenizer=openai",
+                "model.context_length=16", "data.synthetic_train=16", "data.synthetic_val=8",
+                "train.batch_size=8", "train.steps=2", f"train.loss={loss}", "run.tensorboard=false",
+                f"run.output_dir={out}"]  # fmt: skip
+
+    assert main(args(tmp_path / "s", "siglip")) == 0, capsys.readouterr().err
+    model = load(tmp_path / "s" / "model")[0]
+    assert model.logit_bias is not None and abs(model.logit_bias.item() + 10) < 0.1
+    assert abs(model.logit_scale.item() - math.log(10)) < 0.1
+    from clipforge.train.model_setup import preset_config
+
+    exp = load_experiment(None, ["model.preset=tiny-vit", "train.loss=clip"])
+    assert preset_config(exp).init_logit_bias is None
+    assert preset_config(exp).init_logit_scale == pytest.approx(math.log(1 / 0.07))

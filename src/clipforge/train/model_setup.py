@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import get_config
+from ..config import CLIPConfig, get_config
 from ..data.sources import Source
 from ..models import create_model
 from ..models.hf_text import is_hf_text_dir
@@ -105,13 +106,24 @@ def build_model(
                 "use model.tokenizer=checkpoint (or a tokenizer of that vocabulary)"
             )
         return checkpoint_model.train()
-    cfg = get_config(spec.preset)
+    cfg = preset_config(exp)
     text = dataclasses.replace(
         cfg.text,
         vocab_size=tokenizer.vocab_size,
         context_length=spec.context_length or cfg.text.context_length,
     )
     return create_model(cfg.replace(text=text))
+
+
+def preset_config(exp: Experiment) -> CLIPConfig:
+    """The preset's architecture; with a loss that needs a logit bias (SigLIP) and a preset without one,
+    SigLIP's initialisation (Zhai et al. 2023): temperature t' = ln 10 and bias b = -10."""
+    from ..loss import get_objective
+
+    cfg = get_config(exp.model.preset)
+    if get_objective(exp.train.loss).needs_bias and cfg.init_logit_bias is None:
+        cfg = cfg.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    return cfg
 
 
 def lit_image_source(exp: Experiment):
@@ -132,7 +144,7 @@ def build_lit(exp: Experiment, tokenizer, image_source) -> tuple[torch.nn.Module
     policy = LiTPolicy.parse(m.lit, m.image_unlocked_blocks, m.text_unlocked_blocks)
     model, tokenizer = build_lit_model(
         policy,
-        preset=m.preset,
+        preset=preset_config(exp),
         image=image_source,
         text=m.text_tower,
         tokenizer=tokenizer,
