@@ -141,3 +141,13 @@ class SkipCounter:
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.source!r}, {self.counts()})"
+
+
+def format_counts(counts: Mapping[str, int], examples: Mapping[str, list[str]] | None = None) -> str:
+    """'missing_image 2 (e.g. a.jpg), bad_row 1' (the first example of each reason), or 'none'."""
+    if not counts:
+        return "none"
+    examples = examples or {}
+    return ", ".join(
+        f"{k} {v}" + (f" (e.g. {examples[k][0]})" if examples.get(k) else "") for k, v in counts.items()
+    )

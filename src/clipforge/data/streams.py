@@ -1,8 +1,7 @@
-"""Resumable batch streams over datasets, and per-epoch reports of the samples they skipped.
+"""Resumable batch streams over datasets (per-epoch reports of the samples they skipped: skip_report.py).
 
     stream = BatchStream(dataset, 64, seed=0)              # map-style: (epoch, samples consumed)
     stream = IterableBatchStream(shard_stream, 64)         # streams: batches consumed
-    stream = SkipReport(stream, dataset.skips, "runs/x/metrics.jsonl")
 
 The trainer iterates a stream and saves `state_dict()` with every checkpoint; a stream restored from it
 continues with the very next batch, so an interrupted run neither loses nor repeats data. Random
@@ -11,21 +10,18 @@ augmentation is seeded from (seed, epoch, position), never from the order worker
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from ..transforms import ImageLoadError
 from .seeding import forked_rng
-from .skips import REASONS, SkipCounter
+from .skips import format_counts
 
 
 # ------------------------------------------------------------------------------------------ streams
@@ -237,7 +233,7 @@ class IterableBatchStream:
                 counts = _skip_counts(self.dataset)
                 raise ValueError(
                     f"the training stream yielded no complete batch of {self.batch_size}; "
-                    f"skipped: {_fmt(counts)}"
+                    f"skipped: {format_counts(counts)}"
                 )
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self.epoch)
@@ -297,115 +293,3 @@ class SeededTransformStream(IterableDataset):
                     continue
             n += 1
             yield {"image": image, "text": item["text"]}
-
-
-# ------------------------------------------------------------------------------------------ reporting
-def _sub(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
-    return {k: int(v) - int(b.get(k, 0)) for k, v in a.items() if int(v) - int(b.get(k, 0))}
-
-
-def _add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
-    return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in {**a, **b}}
-
-
-def _fmt(counts: Mapping[str, int], examples: Mapping[str, list[str]] | None = None) -> str:
-    if not counts:
-        return "none"
-    examples = examples or {}
-    return ", ".join(
-        f"{k} {v}" + (f" (e.g. {examples[k][0]})" if examples.get(k) else "") for k, v in counts.items()
-    )
-
-
-class SkipReport:
-    """Wraps a batch stream: skip counts survive --resume (they travel in the data state) and each
-    epoch's counts are printed and appended to `metrics` when the epoch ends."""
-
-    def __init__(
-        self,
-        stream: BatchStream | IterableBatchStream,
-        skips: SkipCounter,
-        metrics: str | Path | None = None,
-        echo: Callable[[str], None] = tqdm.write,
-        reduce: Callable[[list[int]], list[int]] | None = None,
-    ) -> None:
-        self.stream, self.skips, self.echo = stream, skips, echo
-        self.metrics = Path(metrics) if metrics is not None else None
-        self.batch_size = stream.batch_size
-        self.batches = 0  # batches handed out since the run began (= trainer steps)
-        self._earlier: dict[str, int] = {}  # counted by the processes before a resume
-        self._epoch_start: dict[str, int] = {}
-        stream.on_epoch_end = self._epoch_end
-        # Several ranks: each loads (and counts) only its own samples. `reduce` sums a list of counts over
-        # the ranks (a collective); it runs as each batch is handed out, the same step on every rank, and
-        # the reports use its sums. What the source counted while being read (e.g. bad manifest rows) is
-        # the same on every rank and counts once.
-        self.reduce = reduce
-        self._shared = self.skips.counts()
-        self._summed: dict[str, int] | None = None  # every rank's counts as of the last batch
-
-    @property
-    def epoch(self) -> int:
-        return self.stream.epoch
-
-    def skip_counts(self) -> dict[str, int]:
-        """Counts by reason since the run began (of every rank, as of the last batch, with `reduce`)."""
-        return _add(self._earlier, self.skips.counts() if self._summed is None else self._summed)
-
-    def _sum_over_ranks(self) -> None:
-        mine = _sub(self.skips.counts(), self._shared)
-        summed = self.reduce([mine.get(r, 0) for r in REASONS])
-        self._summed = _add(self._shared, {r: int(n) for r, n in zip(REASONS, summed, strict=True) if n})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **self.stream.state_dict(),
-            "batches": self.batches,
-            "skipped": self.skip_counts(),
-            "skipped_at_epoch_start": dict(self._epoch_start),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.stream.load_state_dict(state)
-        self.batches = int(state.get("batches", 0))
-        # what this process counted so far (caption checks while reading) is in the saved totals already
-        self.skips.reset()
-        self._shared, self._summed = {}, None
-        self._earlier = dict(state.get("skipped", {}))
-        self._epoch_start = dict(state.get("skipped_at_epoch_start", {}))
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.stream:
-            self.batches += 1
-            if self.reduce is not None:
-                self._sum_over_ranks()
-            yield batch
-
-    def _record(self, epoch: int, partial: bool) -> dict[str, Any]:
-        total = self.skip_counts()
-        this = _sub(total, self._epoch_start)
-        record = {
-            "kind": "data",
-            "step": self.batches,
-            "epoch": epoch,
-            "partial": partial,
-            "skipped": this,
-            "skipped_total": total,
-        }
-        what = f"epoch {epoch} (so far)" if partial else f"epoch {epoch} done"
-        self.echo(
-            f"{what} at step {self.batches}: skipped {sum(this.values())} samples "
-            f"({_fmt(this, self.skips.examples())}); since the start: {_fmt(total)}"
-        )
-        if self.metrics is not None:
-            with self.metrics.open("a") as f:  # O_APPEND: whole lines next to the trainer's logger
-                f.write(json.dumps(record) + "\n")
-        return record
-
-    def _epoch_end(self, epoch: int) -> None:
-        self._record(epoch, partial=False)
-        self._epoch_start = self.skip_counts()
-
-    def finish(self) -> dict[str, Any]:
-        """Report the (partial) epoch the run stopped in."""
-        return self._record(self.stream.epoch, partial=True)

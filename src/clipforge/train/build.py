@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data.skip_report import SkipReport
 from ..data.sources import EmbeddingCacheSource, Source, StreamOptions, open_source
-from ..data.streams import SkipReport
 from ..eval.evaluators import evaluator_for, validation_evaluators
 from ..transforms import PreprocessConfig, eval_transform, fast_train_transform, train_transform
 from .dist import DistInfo, barrier, cleanup, init_distributed, is_main, sum_over_ranks

@@ -13,7 +13,6 @@ at the end and on SIGTERM/SIGINT), metrics and the progress bar.
 
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import threading
@@ -27,14 +26,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints.state import StateFormatError
 from ..data.streams import BatchStream, IterableBatchStream
 from ..models.hardware import slow_bf16_reason
-from .dist import any_rank, gather_json, get_rank, get_world_size, is_main
+from .dist import any_rank, gather_json, is_main
 from .fsdp import full_training_state, is_fsdp, load_full_training_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .optim import clip_gradients
-from .runs import RunDir, load_checkpoint, rng_state, set_rng_state
+from .restore import OptimizerSettings, checkpoint_to_resume, data_position
+from .runs import RunDir, rng_state, set_rng_state
 
 StepFn = Callable[..., torch.Tensor]
 Evaluator = Callable[[torch.nn.Module], Mapping[str, float]]
@@ -127,14 +126,8 @@ class Trainer:
         self._stop_signal: int | None = None
         # check_resume(saved config, this config) raises when a checkpoint may not continue under this config
         self.check_resume = check_resume
-        # this run's optimizer hyperparameters and schedule: a resume keeps them (see _reapply_settings)
-        self._settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        self._schedule = (
-            # copies: LambdaLR.load_state_dict updates the saved lambda objects' attributes in place
-            (list(scheduler.base_lrs), copy.deepcopy(scheduler.lr_lambdas))
-            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
-            else None
-        )
+        # this run's optimizer hyperparameters and schedule: a resume keeps them (OptimizerSettings.reapply)
+        self._settings = OptimizerSettings(optimizer, scheduler)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -166,28 +159,11 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self._reapply_settings()
-        ranks = state.get("data_ranks")  # every rank's own position (shards split over ranks drift apart)
-        mine = ranks[get_rank()] if ranks and len(ranks) == get_world_size() else state["data"]
-        self.data.load_state_dict(mine)  # else rank 0's: the same global batches at any world size
+        self._settings.reapply(self.optimizer, self.scheduler)
+        self.data.load_state_dict(data_position(state))
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         set_rng_state(state["rng"])
-
-    def _reapply_settings(self) -> None:
-        """After loading a checkpoint: this run's learning rates, weight decay, betas and schedule (e.g. more
-        train.steps, a new optim.lr) replace the saved ones, and the rate is recomputed for the restored
-        step. The moment estimates and the step count stay the checkpoint's. Unchanged settings give
-        exactly the saved values (the same arithmetic as the scheduler's), so a plain resume is bit-exact."""
-        for group, fresh in zip(self.optimizer.param_groups, self._settings):
-            group.update(fresh)
-        if self._schedule is None:
-            return
-        sched = self.scheduler
-        sched.base_lrs, sched.lr_lambdas = list(self._schedule[0]), copy.deepcopy(self._schedule[1])
-        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def save_checkpoint(self) -> None:
         """Every rank calls it at the same step (collectives); rank 0 writes."""
@@ -204,31 +180,16 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the newest checkpoint of the run directory; False when there is none."""
-        latest = self.run_dir.latest_checkpoint() if self.run_dir is not None else None
-        if latest is None:
+        if self.run_dir is None:
             return False
-        older = [p for _, p in reversed(self.run_dir.list_checkpoints()) if p != latest]
-        errors: list[str] = []
-        candidates = [latest, *older]
-        for path in candidates:
-            try:
-                state = load_checkpoint(path)
-            except StateFormatError as e:  # cut short by a crash or a full disk: the one before will do
-                errors.append(str(e))
-                if self.is_main and path != candidates[-1]:
-                    print(f"note: {e}; resuming from the checkpoint before it")
-                continue
-            if self.check_resume is not None:
-                saved = {**(state.get("config") or {}), "identity": state.get("identity") or {}}
-                self.check_resume(saved, {**self.config, "identity": self.identity})
-            if int(state["step"]) > self.steps:  # it would stop at once, recording steps it did not run
-                raise ValueError(
-                    f"{path} is at step {int(state['step'])}, past this run's {self.steps} steps: resume "
-                    f"with train.steps >= {int(state['step'])}, or start a new run.output_dir"
-                )
-            self.load_state_dict(state)
-            return True
-        raise StateFormatError(f"{errors[0]}; and no older readable checkpoint to resume from")
+        current = {**self.config, "identity": self.identity}
+        state = checkpoint_to_resume(
+            self.run_dir, steps=self.steps, config=current, check=self.check_resume, verbose=self.is_main
+        )
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
 
     # ---------------------------------------------------------------- loop
     def _autocast(self):
