@@ -20,21 +20,39 @@ from typing import Any
 import torch
 
 from clipforge.models.flops import count_flops  # noqa: F401  (re-exported for the benchmarks)
+from clipforge.models.hardware import slow_bf16_reason
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def at_least(lowest: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse `type` that reads `kind` and refuses values below `lowest` with a one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a{'n integer' if kind is int else ' number'}: {text!r}"
+            ) from None
+        if not value >= lowest:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {text}")
+        return value
+
+    return parse
+
+
 def add_timing_args(p: argparse.ArgumentParser, min_repeats: int, min_seconds: float) -> None:
     """The timing options every benchmark shares (threads, clock, warm-up, repeats)."""
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=at_least(1), default=os.cpu_count())
     p.add_argument(
         "--cpu-time",
         action="store_true",
         help="time by the thread's CPU time (needs --threads 1): robust to other processes on the machine",
     )
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--min-repeats", type=int, default=min_repeats)
-    p.add_argument("--min-seconds", type=float, default=min_seconds)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--min-repeats", type=at_least(1), default=min_repeats)
+    p.add_argument("--min-seconds", type=at_least(0.0, float), default=min_seconds)
 
 
 def time_call(
@@ -75,8 +93,19 @@ def matmul_peak(
     return 2 * n**3 / t["best_s"]
 
 
+def bf16_matrix_flags() -> list[str]:
+    """The CPU's bf16 matrix instructions named in /proc/cpuinfo (AMX, AVX512-BF16); [] where it has none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
 def environment() -> dict[str, Any]:
-    """Where the numbers come from."""
+    """Where the numbers come from: the CPU and the instructions torch uses on it (bf16 is only fast where
+    the CPU has bf16 matrix instructions), torch, cores and threads, the load at the end of the run."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -88,6 +117,8 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_matrix_instructions": bf16_matrix_flags(),
+        "bf16_slow_reason": slow_bf16_reason(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

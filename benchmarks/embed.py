@@ -52,7 +52,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, write_json
+from _common import bf16_matrix_flags, format_table, write_json
 from _search import SEARCH_COLUMNS, add_search_args, bench_search
 from clipforge import create_model, save_pretrained
 from clipforge.checkpoints import convert_clipforge_to_openai
@@ -62,15 +62,6 @@ from clipforge.transforms import PreprocessConfig, eval_transform
 from clipforge.use import EmbeddingStore, EmbedOptions, embed, open_encoder
 from clipforge.use.classify import Classifier, label_embeddings
 from clipforge.use.onnx_export import export_onnx
-
-
-def bf16_matrix_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
 
 
 def write_jpegs(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> list[Path]:
