@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import queue
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +92,26 @@ def matmul_peak(
             lambda: torch.mm(a, b, out=out), warmup=2, min_repeats=3, min_seconds=min_seconds, clock=clock
         )
     return 2 * n**3 / t["best_s"]
+
+
+def collect_ranks(procs: Sequence[Any], out: Any) -> dict[int, Any]:
+    """{rank: result} from `(rank, result)` pairs the started `procs` put on the multiprocessing Queue
+    `out`, then joins them. A rank that dies never reports: raise instead of waiting forever."""
+    results: dict[int, Any] = {}
+    while len(results) < len(procs):
+        try:
+            rank, result = out.get(timeout=1.0)
+            results[rank] = result
+        except queue.Empty:
+            if dead := [p.exitcode for p in procs if p.exitcode]:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a rank process exited with {dead[0]} (its traceback is above)") from None
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"rank process exited with {p.exitcode}")
+    return results
 
 
 def bf16_matrix_flags() -> list[str]:

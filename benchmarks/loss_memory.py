@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import resource
 import socket
 import sys
@@ -29,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import at_least, format_table, write_json
+from _common import at_least, collect_ranks, format_table, write_json
 
 SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -94,20 +93,7 @@ def measure(name: str, sizes: list[int], world: int, dim: int, repeats: int) -> 
     ]
     for p in procs:
         p.start()
-    results = {}
-    while len(results) < world:  # a rank that dies never reports: stop instead of waiting forever
-        try:
-            rank, rows = out.get(timeout=1.0)
-            results[rank] = rows
-        except queue.Empty:
-            if dead := [p.exitcode for p in procs if p.exitcode]:
-                for p in procs:
-                    p.kill()
-                raise RuntimeError(f"a rank process exited with {dead[0]} (its traceback is above)") from None
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise RuntimeError(f"rank process exited with {p.exitcode}")
+    results = collect_ranks(procs, out)
     rows = []
     for i, m in enumerate(sizes):  # per-rank figures: the worst rank
         per_rank = [results[r][i] for r in range(world)]
