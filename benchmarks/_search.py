@@ -62,8 +62,9 @@ def _generator(data: str, dim: int, seed: int):
 
 def write_vectors(d: Path, n: int, rows) -> None:
     """An embedding directory of n float16 vectors in parts of PART_ROWS (no full float32 copy)."""
+    from clipforge.files import write_json_atomic
     from clipforge.use.embedder import write_part
-    from clipforge.use.store import FORMAT, write_json_atomic
+    from clipforge.use.store import FORMAT
 
     d.mkdir(parents=True)
     parts = []
