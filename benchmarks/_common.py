@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import queue
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -20,21 +21,39 @@ from typing import Any
 import torch
 
 from clipforge.models.flops import count_flops  # noqa: F401  (re-exported for the benchmarks)
+from clipforge.models.hardware import slow_bf16_reason
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def at_least(lowest: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse `type` that reads `kind` and refuses values below `lowest` with a one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a{'n integer' if kind is int else ' number'}: {text!r}"
+            ) from None
+        if not value >= lowest:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {text}")
+        return value
+
+    return parse
+
+
 def add_timing_args(p: argparse.ArgumentParser, min_repeats: int, min_seconds: float) -> None:
     """The timing options every benchmark shares (threads, clock, warm-up, repeats)."""
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=at_least(1), default=os.cpu_count())
     p.add_argument(
         "--cpu-time",
         action="store_true",
         help="time by the thread's CPU time (needs --threads 1): robust to other processes on the machine",
     )
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--min-repeats", type=int, default=min_repeats)
-    p.add_argument("--min-seconds", type=float, default=min_seconds)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--min-repeats", type=at_least(1), default=min_repeats)
+    p.add_argument("--min-seconds", type=at_least(0.0, float), default=min_seconds)
 
 
 def time_call(
@@ -75,8 +94,39 @@ def matmul_peak(
     return 2 * n**3 / t["best_s"]
 
 
+def collect_ranks(procs: Sequence[Any], out: Any) -> dict[int, Any]:
+    """{rank: result} from `(rank, result)` pairs the started `procs` put on the multiprocessing Queue
+    `out`, then joins them. A rank that dies never reports: raise instead of waiting forever."""
+    results: dict[int, Any] = {}
+    while len(results) < len(procs):
+        try:
+            rank, result = out.get(timeout=1.0)
+            results[rank] = result
+        except queue.Empty:
+            if dead := [p.exitcode for p in procs if p.exitcode]:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a rank process exited with {dead[0]} (its traceback is above)") from None
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"rank process exited with {p.exitcode}")
+    return results
+
+
+def bf16_matrix_flags() -> list[str]:
+    """The CPU's bf16 matrix instructions named in /proc/cpuinfo (AMX, AVX512-BF16); [] where it has none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
 def environment() -> dict[str, Any]:
-    """Where the numbers come from."""
+    """Where the numbers come from: the CPU and the instructions torch uses on it (bf16 is only fast where
+    the CPU has bf16 matrix instructions), torch, cores and threads, the load at the end of the run."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -88,6 +138,8 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_matrix_instructions": bf16_matrix_flags(),
+        "bf16_slow_reason": slow_bf16_reason(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -103,7 +155,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
         return "" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]  # rows may be []
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]

@@ -24,18 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import at_least
+
 PART_ROWS = 100_000
 CLUSTERS = 1_000
+SEARCH_DATA = ("uniform", "clustered")
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-sizes", default="100000,1000000", help="comma-separated vector counts")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--dim", type=at_least(1), default=512)
+    p.add_argument("--queries", type=at_least(1), default=200)
     p.add_argument("--search-data", default="uniform,clustered", help="uniform and/or clustered")
     p.add_argument("--index-kinds", default="flat,hnsw,ivfpq")
-    p.add_argument("--target-recall", type=float, default=0.95)
-    p.add_argument("--tune-max-s", type=float, default=60.0, help="cap on each tuning sweep")
+    p.add_argument("--target-recall", type=at_least(0.0, float), default=0.95)
+    p.add_argument("--tune-max-s", type=at_least(0.0, float), default=60.0, help="cap on each tuning sweep")
     p.add_argument(
         "--hnsw-max-build-s",
         type=float,
@@ -62,8 +66,9 @@ def _generator(data: str, dim: int, seed: int):
 
 def write_vectors(d: Path, n: int, rows) -> None:
     """An embedding directory of n float16 vectors in parts of PART_ROWS (no full float32 copy)."""
+    from clipforge.files import write_json_atomic
     from clipforge.use.embedder import write_part
-    from clipforge.use.store import FORMAT, write_json_atomic
+    from clipforge.use.store import FORMAT
 
     d.mkdir(parents=True)
     parts = []

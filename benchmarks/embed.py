@@ -52,10 +52,11 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, write_json
-from _search import SEARCH_COLUMNS, add_search_args, bench_search
+from _common import at_least, bf16_matrix_flags, format_table, write_json
+from _search import INDEX_KINDS, SEARCH_COLUMNS, SEARCH_DATA, add_search_args, bench_search
 from clipforge import create_model, save_pretrained
 from clipforge.checkpoints import convert_clipforge_to_openai
+from clipforge.config import PRESETS
 from clipforge.models.hardware import slow_bf16_reason
 from clipforge.tokenizer import Tokenizer
 from clipforge.transforms import PreprocessConfig, eval_transform
@@ -63,14 +64,7 @@ from clipforge.use import EmbeddingStore, EmbedOptions, embed, open_encoder
 from clipforge.use.classify import Classifier, label_embeddings
 from clipforge.use.onnx_export import export_onnx
 
-
-def bf16_matrix_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+SECTIONS = ("embed", "search", "classify")
 
 
 def write_jpegs(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> list[Path]:
@@ -197,8 +191,10 @@ def bench_embedding(args, work: Path) -> list[dict]:
             "rounds": len(times[name]),
             "load_s": loads[name],
         }
-        if name == "ours fp32" and baseline in vectors and same_net:
-            row["max_abs_diff_to_baseline"] = float(np.abs(fp32 - vectors[baseline]).max())
+        if name == "ours fp32" and baseline in vectors:
+            row["max_abs_diff_to_baseline"] = (
+                float(np.abs(fp32 - vectors[baseline]).max()) if same_net else "n/a: heads not 64 wide"
+            )
         elif name.startswith("ours") and name != "ours fp32":
             row["min_cosine_to_fp32"] = float((vectors[name] * fp32).sum(1).min())
         rows.append(row)
@@ -233,7 +229,13 @@ def bench_classify(args, work: Path) -> list[dict]:
     per_image = time.perf_counter() - t0
     n, k = len(paths), len(slow)
     return [
-        {"mode": "labels once, batched", "images": n, "labels": args.labels, "images_per_s": n / once},
+        {
+            "mode": "labels once, batched",
+            "images": n,
+            "labels": args.labels,
+            "images_per_s": n / once,
+            "vs_labels_per_image": (n / once) / (k / per_image),  # both timed in this call
+        },
         {
             "mode": "labels per image (HF pipeline)",
             "images": k,
@@ -246,31 +248,33 @@ def bench_classify(args, work: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--images", type=at_least(1), default=512)
     p.add_argument(
         "--photo-size",
         default="640x480",
         help="WxH of the embedded JPEGs (a web photo: fast decoding halves it for a 224 px model; "
         "at 320x240 it has nothing to skip)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="embedding rows: interleaved rounds, best reported")
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--workers", type=at_least(0), default=2)
+    p.add_argument(
+        "--rounds", type=at_least(1), default=2, help="embedding rows: interleaved rounds, best reported"
+    )
     p.add_argument(
         "--bf16-anyway",
         action="store_true",
         help="run the bf16 row on a CPU without bf16 matrix instructions too (5x-400x slower there)",
     )
     add_search_args(p)
-    p.add_argument("--classify-images", type=int, default=1000)
-    p.add_argument("--labels", type=int, default=100)
+    p.add_argument("--classify-images", type=at_least(1), default=1000)
+    p.add_argument("--labels", type=at_least(1), default=100)
     p.add_argument(
         "--classify-baseline-images",
-        type=int,
+        type=at_least(1),
         default=100,
         help="images the HF-pipeline-semantics loop times (it re-encodes every label per image: ~0.5 s each)",
     )
-    p.add_argument("--sections", default="embed,search,classify", help="which sections to run")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="which sections to run (comma-separated)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (tiny-vit, 32 images, 5k vectors)")
     p.add_argument("--out", default="embed.json")
     args = p.parse_args(argv)
@@ -278,11 +282,28 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.images, args.index_sizes, args.dim = "tiny-vit", 32, "5000", 64
         args.queries, args.classify_images, args.labels, args.workers = 20, 16, 10, 0
         args.photo_size = "320x240"
-    args.photo_size = tuple(int(v) for v in str(args.photo_size).lower().split("x"))
-    args.index_sizes = sorted(int(s) for s in str(args.index_sizes).split(","))
+    try:
+        args.photo_size = tuple(at_least(1)(v) for v in str(args.photo_size).lower().split("x"))
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--photo-size {args.photo_size}: {e}")
+    try:
+        args.index_sizes = sorted(at_least(10)(s) for s in str(args.index_sizes).split(","))  # recall@10
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--index-sizes {args.index_sizes}: {e}")
+    if len(args.photo_size) != 2:
+        p.error(f"--photo-size wants WxH, e.g. 640x480, not {'x'.join(map(str, args.photo_size))}")
     args.search_data = args.search_data.split(",")
     args.index_kinds = args.index_kinds.split(",")
     sections = args.sections.split(",")
+    for option, given, known in (
+        ("--sections", sections, SECTIONS),
+        ("--search-data", args.search_data, SEARCH_DATA),
+        ("--index-kinds", args.index_kinds, INDEX_KINDS),
+    ):
+        if unknown := [v for v in given if v not in known]:
+            p.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if args.model not in PRESETS:
+        p.error(f"--model {args.model}: unknown preset; choose from {', '.join(PRESETS)}")
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     emb = search = cls = None
@@ -324,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             cls = bench_classify(args, work)
             seconds["classify"] = time.perf_counter() - t0
             print(f"\nZero-shot classify ({seconds['classify']:.0f} s):")
-            print(format_table(cls, ["mode", "images", "labels", "images_per_s"]))
+            print(format_table(cls, ["mode", "images", "labels", "images_per_s", "vs_labels_per_image"]))
     seconds["total"] = time.perf_counter() - start
     path = write_json(
         args.out,

@@ -57,7 +57,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, format_table, write_json
+from _common import at_least, environment, format_table, write_json
+from clipforge.config import PRESETS
 from clipforge.data.drawing import photo_like
 from clipforge.data.wds import iter_samples
 from clipforge.transforms import (
@@ -341,25 +342,31 @@ def train_rows(shard_dir: Path, args, clock) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="24 photos, 64 px, 2 batches: a check that it runs")
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 224, 336])
+    p.add_argument("--images", type=at_least(2), default=256, help="at least 2 batches")
+    p.add_argument("--sizes", type=at_least(1), nargs="+", default=[64, 224, 336])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=at_least(1), default=32)
     p.add_argument("--shards", default=None, help="folder for the benchmark's shards (default: a temp dir)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core figures)")
+    p.add_argument(
+        "--threads", type=at_least(1), default=1, help="torch threads (default 1: per-core figures)"
+    )
     p.add_argument("--cpu-time", action="store_true", help="time by CPU time (robust on a shared machine)")
     p.add_argument("--train", action="store_true", help="add the end-to-end training rows")
-    p.add_argument("--train-preset", default="small-vit")
-    p.add_argument("--train-batch", type=int, default=64)
-    p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--train-preset", default="small-vit", choices=list(PRESETS), metavar="PRESET")
+    p.add_argument("--train-batch", type=at_least(1), default=64)
+    p.add_argument("--train-steps", type=at_least(1), default=8)
     p.add_argument("--train-fast", default="true", choices=("true", "false"))
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rounds", type=int, default=3, help="stream measurements per pipeline, interleaved")
+    p.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--rounds", type=at_least(1), default=3, help="stream measurements per pipeline, interleaved"
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/input_pipeline.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.sizes, args.batch = 24, [64], 8
         args.train_preset, args.train_batch, args.train_steps, args.workers = "tiny-vit", 8, 2, [0]
+    if args.images < 2 * args.batch:  # one warm-up batch, then at least one timed (partial batches dropped)
+        p.error(f"--images {args.images} gives fewer than 2 batches of --batch {args.batch}")
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     tmp = None
@@ -403,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         cols = ["mode", "size", "pipeline", *[f"{s}_ms" for s in STAGES], "total_ms", "norm_dev_ms"]
         print(format_table(rows, [*cols, "samples_per_s_core", "x_baseline", "x_baseline_rounds"]))
         print(f"samples_per_s_core: median of {args.rounds} interleaved rounds; x_baseline: ratio of medians")
-        result: dict[str, Any] = {"rows": rows, "images": args.images, "batch": args.batch}
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "shards")}
+        result: dict[str, Any] = {"args": settings, "rows": rows, "images": args.images, "batch": args.batch}
         if args.train:
             result["train"] = train_rows(shard_dir, args, clock)
             print()

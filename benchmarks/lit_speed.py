@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from clipforge.config import CLIPConfig, get_config
+from clipforge.config import PRESETS, CLIPConfig, get_config
 from clipforge.demo import DemoConfig, demo_model_config
 from clipforge.lit import apply_policy
 from clipforge.models import create_model
@@ -33,7 +33,7 @@ from clipforge.train.lit_step import make_lit_step_fn
 from clipforge.train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_timing_args, format_table, time_call, write_json
+from _common import add_timing_args, at_least, format_table, time_call, write_json
 
 # LiT Table 7: training speed-up from precomputed image embeddings (locked image tower), by image tower.
 PAPER = {"B/32": 2.7, "L/16": 11.0, "g/14": 140.0}
@@ -107,7 +107,7 @@ def measure(tower: str, batch_size: int, timing: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--towers", nargs="+", default=["ViT-B-32"], help="presets whose image tower is used")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=at_least(1), default=32)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (tiny-vit's tower, batch 4, 1 repeat)")
     ap.add_argument("--out", default="lit_speed.json", help="JSON file (default: benchmarks/results/)")
     add_timing_args(ap, min_repeats=3, min_seconds=5.0)
@@ -117,7 +117,9 @@ def main() -> None:
         args.warmup, args.min_repeats, args.min_seconds = 1, 1, 0.0
         args.out = "lit_speed_quick.json" if args.out == "lit_speed.json" else args.out
     if args.cpu_time and args.threads != 1:
-        raise SystemExit("--cpu-time measures one thread: add --threads 1")
+        ap.error("--cpu-time measures one thread: add --threads 1")
+    if unknown := [t for t in args.towers if t not in PRESETS]:
+        ap.error(f"unknown tower preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     timing = {"warmup": args.warmup, "min_repeats": args.min_repeats, "min_seconds": args.min_seconds,
@@ -131,6 +133,7 @@ def main() -> None:
           + ", ".join(f"{k} {v:g}x" for k, v in PAPER.items()))  # fmt: skip
     path = write_json(args.out, {
         "benchmark": "lit_speed",
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "clock": "thread_time" if args.cpu_time else "wall",
         "text_tower": "clipforge demo (DemoConfig defaults)",
         "paper_table7_cached_vs_live": PAPER,

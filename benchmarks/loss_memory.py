@@ -28,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, write_json
+from _common import at_least, collect_ranks, format_table, write_json
 
 SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -85,7 +85,7 @@ def _free_port() -> int:
 
 def measure(name: str, sizes: list[int], world: int, dim: int, repeats: int) -> list[dict]:
     ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
+    out = ctx.Queue()
     procs = [
         ctx.Process(target=_worker, args=(r, world, port, name, sizes, dim, repeats, out))
         for port in [_free_port()]
@@ -93,11 +93,7 @@ def measure(name: str, sizes: list[int], world: int, dim: int, repeats: int) -> 
     ]
     for p in procs:
         p.start()
-    results = dict(out.get() for _ in procs)
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise RuntimeError(f"rank process exited with {p.exitcode}")
+    results = collect_ranks(procs, out)
     rows = []
     for i, m in enumerate(sizes):  # per-rank figures: the worst rank
         per_rank = [results[r][i] for r in range(world)]
@@ -114,18 +110,26 @@ def measure(name: str, sizes: list[int], world: int, dim: int, repeats: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--world", type=int, default=2, help="gloo processes (ranks)")
-    ap.add_argument("--dim", type=int, default=512, help="embedding width D (ViT-B: 512)")
-    ap.add_argument("--max-measured", type=int, default=8192, help="largest global batch actually run")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--world", type=at_least(1), default=2, help="gloo processes (ranks)")
+    ap.add_argument("--dim", type=at_least(1), default=512, help="embedding width D (ViT-B: 512)")
+    ap.add_argument(
+        "--max-measured", type=at_least(SIZES[0]), default=8192, help="largest global batch actually run"
+    )
+    ap.add_argument("--repeats", type=at_least(1), default=2)
     ap.add_argument("--out", default="loss_memory.json")
     args = ap.parse_args()
+    if SIZES[0] % args.world:
+        ap.error(f"--world {args.world} does not divide the global batches {SIZES[0]}..{SIZES[-1]}")
     from clipforge.train.global_loss import gather_bytes_per_step
 
-    table, data = [], {"world": args.world, "dim": args.dim, "rows": []}
+    table, data = [], {"args": {k: v for k, v in vars(args).items() if k != "out"}, "world": args.world}
+    data |= {"dim": args.dim, "rows": []}
     for name in ("clip", "siglip"):
         measured_sizes = [m for m in SIZES if m <= args.max_measured]
-        rows = measure(name, measured_sizes, args.world, args.dim, args.repeats)
+        try:
+            rows = measure(name, measured_sizes, args.world, args.dim, args.repeats)
+        except RuntimeError as e:
+            raise SystemExit(f"loss_memory.py: {name} loss: {e}") from None
         largest = rows[-1]
         bytes_per_logit = largest["loss_bytes"] / (largest["local_batch"] * largest["global_batch"])
         for m in SIZES:

@@ -25,7 +25,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, write_json
+from _common import at_least, collect_ranks, format_table, write_json
+from clipforge.config import PRESETS
 
 
 def _batch(n: int, image_size: int, vocab: int, seed: int):
@@ -90,30 +91,52 @@ def _free_port() -> int:
 def run(world: int, threads: int, args: argparse.Namespace, device: str = "cpu") -> float:
     """samples/s of `world` processes (all local batches together)."""
     ctx = mp.get_context("spawn")
-    out, port = ctx.SimpleQueue(), _free_port()
+    out, port = ctx.Queue(), _free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world, port, args, threads, device, out)) for r in range(world)
     ]
     for p in procs:
         p.start()
-    seconds = max(out.get()[1] for _ in procs)
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise RuntimeError(f"rank process exited with {p.exitcode}")
+    seconds = max(collect_ranks(procs, out).values())
     return world * args.batch * args.steps / seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny-vit")
-    ap.add_argument("--vocab", type=int, default=49408, help="text vocabulary (smaller = cheaper embedding)")
-    ap.add_argument("--batch", type=int, default=32, help="pairs per rank")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--preset", default="tiny-vit", choices=list(PRESETS), metavar="PRESET")
+    ap.add_argument(
+        "--vocab", type=at_least(4), default=49408, help="text vocabulary (smaller = cheaper embedding)"
+    )
+    ap.add_argument("--batch", type=at_least(1), default=32, help="pairs per rank")
+    ap.add_argument("--steps", type=at_least(1), default=10)
+    ap.add_argument("--warmup", type=at_least(0), default=2)
     ap.add_argument("--out", default="scaling.json")
     args = ap.parse_args()
 
+    try:
+        rows = measure(args)
+    except RuntimeError as e:
+        raise SystemExit(f"scaling.py: {e}") from None
+    print(
+        format_table(
+            rows, ["device", "processes", "threads_each", "global_batch", "samples_per_s", "efficiency"]
+        )
+    )
+    print(f"\n{args.preset}, {args.batch} pairs per rank, {args.steps} steps; shared CPU: numbers are noisy")
+    path = write_json(
+        args.out,
+        {
+            "args": {k: v for k, v in vars(args).items() if k != "out"},
+            "preset": args.preset,
+            "batch_per_rank": args.batch,
+            "vocab": args.vocab,
+            "rows": rows,
+        },
+    )
+    print(f"wrote {path}")
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     base = run(1, 1, args)
     rows.append(
@@ -160,16 +183,7 @@ def main() -> None:
             }
         )
     rows[0]["efficiency"] = 1.0
-    print(
-        format_table(
-            rows, ["device", "processes", "threads_each", "global_batch", "samples_per_s", "efficiency"]
-        )
-    )
-    print(f"\n{args.preset}, {args.batch} pairs per rank, {args.steps} steps; shared CPU: numbers are noisy")
-    path = write_json(
-        args.out, {"preset": args.preset, "batch_per_rank": args.batch, "vocab": args.vocab, "rows": rows}
-    )
-    print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ seconds each, one scenario at a time:
   search_text   POST /v1/search {"text": ..., "k": 10}   (text tower + faiss)
   embed_image   POST /v1/embed/image, one 224x224 JPEG    (decode + preprocess + image tower)
 
-For every (batching, scenario, clients) row: requests/s, p50/p95/p99 latency, errors (must be 0), the
+For every (batching, scenario, clients) row: requests/s (and its ratio to the same row without batching,
+in the same run), p50/p95/p99 latency, errors (must be 0), the
 mean items per forward from the server's /metrics, and the server's RSS before and after the row
 (read from /proc; it should stay flat). The server is bounded: nothing leaves 127.0.0.1.
 
@@ -38,8 +39,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, write_json
+from _common import at_least, format_table, write_json
 from clipforge import Tokenizer, create_model, save_pretrained
+from clipforge.config import PRESETS
 from clipforge.use import EmbedOptions, embed
 from clipforge.use.index import build_index
 
@@ -169,22 +171,28 @@ def run_row(base: str, pid: int, scenario: str, clients: int, seconds: float) ->
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny-vit")
-    p.add_argument("--images", type=int, default=200)
-    p.add_argument("--clients", default="1,8,32")
-    p.add_argument("--seconds", type=float, default=10.0, help="per row")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
+    p.add_argument("--model", default="tiny-vit", choices=list(PRESETS), metavar="PRESET")
+    p.add_argument("--images", type=at_least(1), default=200)
+    p.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
+    p.add_argument("--seconds", type=at_least(0.1, float), default=10.0, help="per row")
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}"
+    )
+    p.add_argument("--threads", type=at_least(1), default=os.cpu_count(), help="the server's torch threads")
     p.add_argument("--quick", action="store_true", help="1 and 8 clients, 2 s per row, 32 images")
     p.add_argument("--out", default="serve_load.json")
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.seconds, args.images = "1,8", 2.0, 32
-    clients = [int(c) for c in args.clients.split(",")]
+    try:
+        clients = [at_least(1)(c) for c in args.clients.split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--clients {args.clients}: {e}")
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(scenarios) - set(SCENARIOS)
-    if unknown:
-        p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    if unknown or not scenarios:
+        what = f"unknown scenarios {sorted(unknown)}" if unknown else "no scenario given"
+        p.error(f"--scenarios {args.scenarios!r}: {what}; choose from {', '.join(SCENARIOS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, emb = make_index(Path(tmp), args.model, args.images)
@@ -209,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    columns = ["batching", "scenario", "clients", "req_per_s", "p50_ms", "p95_ms", "p99_ms", "errors"]
+    for row in rows:  # batching's gain, both sides measured in this run
+        off = next(r for r in rows if r["batching"] == "off" and r["scenario"] == row["scenario"]
+                   and r["clients"] == row["clients"])  # fmt: skip
+        row["vs_no_batching"] = row["req_per_s"] / off["req_per_s"] if off["req_per_s"] else None
+    columns = ["batching", "scenario", "clients", "req_per_s", "vs_no_batching", "p50_ms", "p95_ms", "p99_ms"]
+    columns += ["errors"]
     columns += ["items_per_forward", "rss_before_mb", "rss_after_mb"]
     print(f"\nclipforge serve on 127.0.0.1, {args.model}, {args.seconds:g} s per row:")
     print(format_table(rows, columns))

@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import at_least, write_json
 from clipforge.tokenizer import Tokenizer, find_openai_vocab
 
 _WORDS = (
@@ -117,8 +119,10 @@ def bench(name: str, make, batch, single, texts: list[str]) -> tuple[list[dict],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10_000, help="number of captions")
-    parser.add_argument("--out", default="benchmarks/results/tokenizer.json")
+    parser.add_argument("--n", type=at_least(1), default=10_000, help="number of captions")
+    parser.add_argument(
+        "--out", default="tokenizer.json", help="JSON file (relative names go to benchmarks/results/)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     texts = make_captions(args.n)
@@ -167,14 +171,21 @@ def main() -> None:
     except ImportError:
         pass
 
+    for r in rows:  # clipforge against each other tokenizer, same texts, same mode, this run
+        ours = next(o for o in rows if o["tokenizer"] == "clipforge" and o["mode"] == r["mode"])
+        r["clipforge_vs_this"] = ours["texts_per_s"] / r["texts_per_s"]
     print(f"{args.n} captions, mean {ids.count_nonzero(dim=1).float().mean():.1f} tokens each, 1 thread")
-    print(f"{'tokenizer':<34} {'mode':<26} {'seconds':>8} {'texts/s':>10}")
+    print(f"{'tokenizer':<34} {'mode':<26} {'seconds':>8} {'texts/s':>10} {'clipforge x':>12}")
     for r in rows:
-        print(f"{r['tokenizer']:<34} {r['mode']:<26} {r['seconds']:>8.3f} {r['texts_per_s']:>10.0f}")
+        print(
+            f"{r['tokenizer']:<34} {r['mode']:<26} {r['seconds']:>8.3f} {r['texts_per_s']:>10.0f} "
+            f"{r['clipforge_vs_this']:>12.2f}"
+        )
     for k, v in checks.items():
         print(f"{k}: {v} / {args.n}")
     record = {
         "benchmark": "tokenizer",
+        "args": {"n": args.n},
         "n_texts": args.n,
         "machine": platform.platform(),
         "python": platform.python_version(),
@@ -182,10 +193,7 @@ def main() -> None:
         "checks": checks,
         "note": "measured on a shared CPU; HF CLIPTokenizer skips ftfy/HTML unescaping",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, record)}")
 
 
 if __name__ == "__main__":

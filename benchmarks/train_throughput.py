@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_timing_args, count_flops, format_table, matmul_peak, time_call, write_json
+from clipforge.models.hardware import slow_bf16_reason
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (label, preset, implementation, precision, mask ratio, full-context captions[, compiled])
@@ -200,6 +201,7 @@ def one_row(spec: dict[str, Any], args) -> dict[str, Any]:
     )
     row = {
         "row": spec["label"],
+        "preset": spec["preset"] if isinstance(spec["preset"], str) else "a config (see row)",  # gpu_check's
         "impl": spec["impl"],
         "precision": spec["precision"],
         "mask": spec["mask"],
@@ -277,13 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     if args.quick:  # small-vit's shape at demo size (64-wide heads, as the OpenAI baseline needs)
         specs = [{**s, "preset": "demo-vit" if s["preset"] == "small-vit" else s["preset"]} for s in specs]
-    peak_seconds = 0.2 if args.quick else 2.0
-    peaks = {k: matmul_peak(d, clock=clock, min_seconds=peak_seconds) for k, d in DTYPES.items()}
-    rows = [r for s in tqdm(specs, desc="train_throughput", unit="row") if (r := run_row(s, args))]
+    if not specs:
+        labels = ", ".join(dict.fromkeys(r[0] for r in ROWS))
+        p.error(f"--only {' '.join(args.only)} matches no row; rows: {labels}")
+    peak_seconds, peak_n = (0.2, 512) if args.quick else (2.0, 2048)  # --quick: no figures, just a check
+    # Only the peaks some row's MFU divides by: on a CPU without bf16 matrix instructions one 2048^3 bf16
+    # GEMM takes 10-60 s, and fp32-only runs (--only ... or a GPU-less subset) need none of them.
+    needed = {s["precision"] for s in specs if s["device"] == "cpu"}
+    peaks = {k: matmul_peak(DTYPES[k], peak_n, peak_seconds, clock) for k in sorted(needed)}
+    rows, failed = [], []
+    for s in tqdm(specs, desc="train_throughput", unit="row"):
+        if r := run_row(s, args):
+            rows.append(r)
+        else:
+            failed.append(f"{s['label']} {s['precision']}")
     # The machine may have been busier at the start: keep the best peak seen.
-    peaks = {
-        k: max(peaks[k], matmul_peak(d, clock=clock, min_seconds=peak_seconds)) for k, d in DTYPES.items()
-    }
+    peaks = {k: max(v, matmul_peak(DTYPES[k], peak_n, peak_seconds, clock)) for k, v in peaks.items()}
 
     base_flops = {r["precision"]: r["gflop_step"] for r in rows if r["impl"] == "openai"}
     base_speed = {r["precision"]: r["samples_per_s_best"] for r in rows if r["impl"] == "openai"}
@@ -300,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"clock: {clock_name}; {args.threads} torch threads; batch {args.batch}; captions up to "
         f"{args.caption_tokens} tokens (full-ctx row: all positions)\n"
-        f"matmul peak (best 2048^3 GEMM, same threads/clock): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
-        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}"
+        f"matmul peak (best {peak_n}^3 GEMM, same threads/clock): "
+        + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
+        + f"; load average {os.getloadavg()[0]:.2f}"
     )
+    if "bf16" in peaks and (slow := slow_bf16_reason()):
+        print(f"bf16 rows: {slow}; their MFU divides by this CPU's (emulated) bf16 GEMM rate")
     columns = [
         "row",
         "precision",
@@ -331,9 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     path = write_json(
         args.out,
         {"args": {k: v for k, v in vars(args).items() if k not in ("out", "row")}, "clock": clock_name,
-         "peak_flops": peaks, "results": rows},
+         "peak_flops": peaks, "results": rows, "failed": failed},
     )  # fmt: skip
     print(f"wrote {path}")
+    if failed:
+        print(f"{len(failed)} row(s) failed (their errors are above): {'; '.join(failed)}")
+        return 1
     return 0
 
 
