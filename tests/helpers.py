@@ -67,3 +67,15 @@ def openai_model_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def import_benchmark(monkeypatch, name: str):
+    """Import benchmarks/<name>.py as a module (benchmarks/ on sys.path for this test only); the caller
+    drops it from sys.modules afterwards (`sys.modules.pop(name, None)`)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module(name)

@@ -4,20 +4,16 @@ directories by hand): they must follow the library's renames, or the benchmark d
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from helpers import import_benchmark
 
 
 @pytest.fixture
 def search_bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import _search
-
-    yield _search
+    yield import_benchmark(monkeypatch, "_search")
     sys.modules.pop("_search", None)
 
 

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from helpers import import_benchmark
 
 
 @pytest.fixture
 def gpu_check(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import gpu_check
-
-    yield gpu_check
+    yield import_benchmark(monkeypatch, "gpu_check")
     sys.modules.pop("gpu_check", None)
 
 
